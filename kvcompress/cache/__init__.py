@@ -1,0 +1,20 @@
+"""The paged KV cache whose unit of paging is one KV head of one layer.
+
+Engine-agnostic: nothing here knows about models, schedulers or servers.
+"""
+
+from kvcompress.cache.block_pool import BlockPool, OutOfBlocksError
+from kvcompress.cache.config import CacheConfig
+from kvcompress.cache.paged_cache import AppendPlan, HeadView, PagedKVCache
+from kvcompress.cache.sizes import format_size, parse_size
+
+__all__ = [
+    "AppendPlan",
+    "BlockPool",
+    "CacheConfig",
+    "HeadView",
+    "OutOfBlocksError",
+    "PagedKVCache",
+    "format_size",
+    "parse_size",
+]

@@ -1,0 +1,236 @@
+"""KV storage paged per (layer, KV head), with per-slot metric and original position.
+
+Layout (all tensors on ``config.device``):
+
+* ``k_pool``, ``v_pool``: ``[num_blocks, block_size, head_dim]``, ONE pool for all layers and
+  heads, so a block freed by any head can be reused by any other head, layer or sequence.
+* ``metric``: ``[num_blocks, block_size]`` fp32 eviction metric per cached KV.
+* ``position``: ``[num_blocks, block_size]`` int32 original token position per cached KV.
+* ``block_tables``: ``[num_layers, max_seqs, num_kv_heads, max_blocks_per_head]`` (-1: none).
+* ``context_lens``: ``[num_layers, max_seqs, num_kv_heads]`` KVs held by each head.
+* ``seq_lens``: ``[max_seqs]`` tokens seen by each sequence (its next position).
+
+Every per-step operation is tensor code over all (layer, sequence, head) rows at once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from kvcompress.cache.block_pool import BlockPool
+from kvcompress.cache.config import CacheConfig
+
+
+class AppendPlan(NamedTuple):
+    """Where the KVs of one step's tokens go.
+
+    ``slots[layer, head, n]`` is the flat slot (``block * block_size + offset``) of token ``n``;
+    tokens are ordered by sequence, then by position, as in the flat model layout.
+    """
+
+    slots: torch.Tensor  # [num_layers, num_kv_heads, N] long
+    positions: torch.Tensor  # [N] long
+    token_seq_index: torch.Tensor  # [N] long: index into the step's seq_slots
+
+
+class HeadView(NamedTuple):
+    """Every (layer, head) of some sequences, as rows ``[S, LH]`` with ``LH = layers * kv_heads``.
+
+    Slot ``i`` of a row is the head's ``i``-th held KV in block-table order (not its token
+    position); rows are padded to ``width = max_blocks * block_size`` slots.
+    """
+
+    blocks: torch.Tensor  # [S, LH, max_blocks] long block ids (0 where the head has none)
+    lens: torch.Tensor  # [S, LH] long: KVs held
+    block_size: int
+
+    @property
+    def width(self) -> int:
+        return self.blocks.shape[-1] * self.block_size
+
+    def valid(self) -> torch.Tensor:
+        """``[S, LH, width]`` bool: the slot holds a KV."""
+        return torch.arange(self.width, device=self.lens.device) < self.lens.unsqueeze(-1)
+
+    def gather(self, per_slot: torch.Tensor) -> torch.Tensor:
+        """A per-slot pool (``[num_blocks, block_size, ...]``) as ``[S, LH, width, ...]``."""
+        S, LH, nb = self.blocks.shape
+        rows = per_slot.index_select(0, self.blocks.reshape(-1))
+        return rows.view(S, LH, nb * self.block_size, *per_slot.shape[2:])
+
+    def flat_slots(self, seq: torch.Tensor, row: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Flat slot ids (``block * block_size + offset``) of the given (sequence, row, slot)."""
+        bs = self.block_size
+        return self.blocks[seq, row, torch.div(index, bs, rounding_mode="floor")] * bs + index % bs
+
+
+def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
+    return torch.div(a + (b - 1), b, rounding_mode="floor")
+
+
+class PagedKVCache:
+    def __init__(self, config: CacheConfig) -> None:
+        self.config = config
+        c = config
+        dev = c.device
+        self.block_size = c.block_size
+        self.num_layers = c.num_layers
+        self.num_kv_heads = c.num_kv_heads
+        self.head_dim = c.head_dim
+        self.pool = BlockPool(c.num_blocks, dev)
+        self.k_pool = torch.zeros(c.num_blocks, c.block_size, c.head_dim, dtype=c.dtype, device=dev)
+        self.v_pool = torch.zeros_like(self.k_pool)
+        self.metric = torch.zeros(c.num_blocks, c.block_size, dtype=torch.float32, device=dev)
+        self.position = torch.zeros(c.num_blocks, c.block_size, dtype=torch.int32, device=dev)
+        table_shape = (c.num_layers, c.max_seqs, c.num_kv_heads, c.max_blocks_per_head)
+        self.block_tables = torch.full(table_shape, -1, dtype=torch.long, device=dev)
+        self.context_lens = torch.zeros(
+            c.num_layers, c.max_seqs, c.num_kv_heads, dtype=torch.long, device=dev
+        )
+        self.seq_lens = torch.zeros(c.max_seqs, dtype=torch.long, device=dev)
+        self._free_seq_slots = list(range(c.max_seqs - 1, -1, -1))
+        self._seq_in_use = [False] * c.max_seqs
+
+    # ----------------------------------------------------------------- sequences
+    def allocate_seq(self) -> int:
+        """A free sequence row in the block tables."""
+        if not self._free_seq_slots:
+            raise RuntimeError(f"all {self.config.max_seqs} sequence slots are in use")
+        slot = self._free_seq_slots.pop()
+        self._seq_in_use[slot] = True
+        return slot
+
+    def free_seq(self, slot: int) -> None:
+        """Return every block of a sequence to the pool and release its row."""
+        self._check_live([slot])
+        rows = self.block_tables[:, slot]
+        held = rows >= 0
+        self.pool.free(rows[held])
+        rows.fill_(-1)
+        self.context_lens[:, slot].zero_()
+        self.seq_lens[slot] = 0
+        self._seq_in_use[slot] = False
+        self._free_seq_slots.append(slot)
+
+    @property
+    def num_free_seq_slots(self) -> int:
+        return len(self._free_seq_slots)
+
+    def _check_live(self, slots: list[int]) -> None:
+        for slot in slots:
+            if not 0 <= slot < self.config.max_seqs or not self._seq_in_use[slot]:
+                raise ValueError(f"sequence slot {slot} is not allocated")
+
+    # ----------------------------------------------------------------- appends
+    def blocks_needed(self, seq_slots: torch.Tensor, num_tokens: torch.Tensor) -> int:
+        """Blocks an append of ``num_tokens[i]`` tokens to each ``seq_slots[i]`` would allocate."""
+        lens = self.context_lens[:, seq_slots, :]
+        new_lens = lens + num_tokens.view(1, -1, 1)
+        bs = self.block_size
+        return int((_ceil_div(new_lens, bs) - _ceil_div(lens, bs)).sum().item())
+
+    def prepare_append(self, seq_slots: torch.Tensor, num_tokens: torch.Tensor) -> AppendPlan:
+        """Allocate room for the next tokens of every head of the given sequences.
+
+        Writes positions and a zero metric for the new slots; K and V are written per layer
+        by :meth:`write`. Raises :class:`OutOfBlocksError` before changing anything when the
+        pool is short.
+        """
+        seq_slots = seq_slots.to(device=self.config.device, dtype=torch.long)
+        num_tokens = num_tokens.to(device=self.config.device, dtype=torch.long)
+        if seq_slots.numel() != num_tokens.numel():
+            raise ValueError("seq_slots and num_tokens must have the same length")
+        if bool((num_tokens < 0).any()):
+            raise ValueError("num_tokens must be non-negative")
+        slot_list = seq_slots.tolist()
+        if len(set(slot_list)) != len(slot_list):
+            raise ValueError("a sequence may appear only once in an append")
+        self._check_live(slot_list)
+        new_seq_lens = self.seq_lens[seq_slots] + num_tokens
+        if bool((new_seq_lens > self.config.max_model_len).any()):
+            raise ValueError(
+                f"append would exceed max_model_len={self.config.max_model_len} tokens"
+            )
+
+        bs = self.block_size
+        L, H = self.num_layers, self.num_kv_heads
+        B = seq_slots.numel()
+        dev = self.config.device
+        lens = self.context_lens[:, seq_slots, :]  # [L, B, H]
+        old_nb = _ceil_div(lens, bs)
+        new_nb = _ceil_div(lens + num_tokens.view(1, -1, 1), bs)
+        need = (new_nb - old_nb).reshape(-1)
+        total = int(need.sum().item())
+        blocks = self.pool.allocate(total)  # raises before any change
+
+        if total:
+            row = torch.repeat_interleave(torch.arange(need.numel(), device=dev), need)
+            first = torch.cumsum(need, 0) - need
+            col = old_nb.reshape(-1)[row] + torch.arange(total, device=dev) - first[row]
+            layer_idx = row // (B * H)
+            seq_idx = seq_slots[(row // H) % B]
+            head_idx = row % H
+            self.block_tables[layer_idx, seq_idx, head_idx, col] = blocks
+
+        # Slot of every new token in every (layer, head).
+        n_total = int(num_tokens.sum().item())
+        tok_seq = torch.repeat_interleave(torch.arange(B, device=dev), num_tokens)
+        tok_first = (torch.cumsum(num_tokens, 0) - num_tokens)[tok_seq]
+        t = torch.arange(n_total, device=dev) - tok_first  # offset within its sequence's append
+        logical = lens[:, tok_seq, :] + t.view(1, -1, 1)  # [L, N, H]
+        block = self.block_tables[
+            torch.arange(L, device=dev).view(L, 1, 1),
+            seq_slots[tok_seq].view(1, -1, 1),
+            torch.arange(H, device=dev).view(1, 1, H),
+            torch.div(logical, bs, rounding_mode="floor"),
+        ]
+        slots = (block * bs + logical % bs).permute(0, 2, 1).contiguous()  # [L, H, N]
+        positions = self.seq_lens[seq_slots][tok_seq] + t
+
+        flat = slots.reshape(-1)
+        self.position.view(-1)[flat] = positions.to(torch.int32).repeat(L * H)
+        self.metric.view(-1)[flat] = 0.0
+        self.context_lens[:, seq_slots, :] += num_tokens.view(1, -1, 1)
+        self.seq_lens[seq_slots] = new_seq_lens
+        return AppendPlan(slots, positions, tok_seq)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store one layer's keys and values: ``slots [H, N]``, ``k, v [N, H, head_dim]``."""
+        flat = slots.reshape(-1)
+        d = self.head_dim
+        self.k_pool.view(-1, d).index_copy_(0, flat, k.transpose(0, 1).reshape(-1, d))
+        self.v_pool.view(-1, d).index_copy_(0, flat, v.transpose(0, 1).reshape(-1, d))
+
+    # ----------------------------------------------------------------- views
+    def head_view(self, seq_slots: torch.Tensor) -> HeadView:
+        """The block tables of every (layer, head) of the given sequences."""
+        seq_slots = seq_slots.to(device=self.config.device, dtype=torch.long)
+        S = seq_slots.numel()
+        LH = self.num_layers * self.num_kv_heads
+        lens = self.context_lens[:, seq_slots, :].permute(1, 0, 2).reshape(S, LH)
+        lmax = int(lens.max().item()) if S else 0
+        nb = -(-lmax // self.block_size)
+        tables = self.block_tables[:, seq_slots, :, :nb].permute(1, 0, 2, 3).reshape(S, LH, nb)
+        return HeadView(tables.clamp(min=0), lens, self.block_size)
+
+    def tables_for(self, layer: int, seq_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(block_tables [B, H, max_blocks], context_lens [B, H])`` of one layer."""
+        return self.block_tables[layer, seq_slots], self.context_lens[layer, seq_slots]
+
+    # ----------------------------------------------------------------- statistics
+    def kept_per_layer_head(self, slot: int) -> torch.Tensor:
+        """``[num_layers, num_kv_heads]`` KVs held by each head of one sequence."""
+        return self.context_lens[:, slot].clone()
+
+    def blocks_held(self, slot: int) -> int:
+        return int(_ceil_div(self.context_lens[:, slot], self.block_size).sum().item())
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks

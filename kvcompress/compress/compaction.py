@@ -1,0 +1,53 @@
+"""Cache moves: pack each head's surviving KVs into its first blocks, then free the rest.
+
+Walking from a head's tail, every surviving KV that lies beyond the head's new length moves
+into the lowest evicted slot not yet filled. Destinations are evicted slots and sources are
+survivors, so the two sets are disjoint and one gather-then-scatter per tensor does every move
+of every head of every sequence in place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvcompress.cache import HeadView, PagedKVCache
+from kvcompress.compress.planner import EvictionPlan
+
+
+def compact(
+    cache: PagedKVCache, seq_slots: torch.Tensor, view: HeadView, plan: EvictionPlan
+) -> int:
+    """Apply a plan to the cache; returns the number of blocks returned to the pool."""
+    S, _LH, width = plan.evict_mask.shape
+    if S == 0 or width == 0:
+        return 0
+    dev = view.lens.device
+    bs = cache.block_size
+    new_lens = view.lens - plan.evict_counts
+    inside = torch.arange(width, device=dev) < new_lens.unsqueeze(-1)
+    holes = plan.evict_mask & inside
+    movers = view.valid() & ~plan.evict_mask & ~inside
+
+    hs, hl, hp = holes.nonzero(as_tuple=True)  # per head, ascending slot order
+    ms, ml, mp = movers.flip(-1).nonzero(as_tuple=True)  # per head, from the tail
+    if hs.numel():
+        dst = view.flat_slots(hs, hl, hp)
+        src = view.flat_slots(ms, ml, width - 1 - mp)
+        d = cache.head_dim
+        for pool in (cache.k_pool.view(-1, d), cache.v_pool.view(-1, d)):
+            pool.index_copy_(0, dst, pool.index_select(0, src))
+        for per_slot in (cache.metric.view(-1), cache.position.view(-1)):
+            per_slot.index_copy_(0, dst, per_slot.index_select(0, src))
+
+    # Return the blocks past each head's new end to the pool.
+    old_nb = torch.div(view.lens + bs - 1, bs, rounding_mode="floor")
+    new_nb = torch.div(new_lens + bs - 1, bs, rounding_mode="floor")
+    cols = torch.arange(view.blocks.shape[-1], device=dev)
+    freed = (cols >= new_nb.unsqueeze(-1)) & (cols < old_nb.unsqueeze(-1))
+    fs, fl, fc = freed.nonzero(as_tuple=True)
+    blocks = view.blocks[fs, fl, fc]
+    cache.pool.free(blocks)
+    H = cache.num_kv_heads
+    cache.block_tables[fl // H, seq_slots[fs], fl % H, fc] = -1
+    cache.context_lens[:, seq_slots, :] = new_lens.view(S, cache.num_layers, H).permute(1, 0, 2)
+    return int(blocks.numel())

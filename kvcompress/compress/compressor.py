@@ -1,0 +1,158 @@
+"""Compress many sequences of a paged cache in batched passes.
+
+The pipeline per pass: gather every head's slots -> score -> sort -> choose chunks (policy) ->
+compaction. Sequences are grouped by allocation policy (at most a handful of groups), and a
+pass holds at most ``max_kvs_per_pass`` KVs, since sorting costs memory proportional to it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from kvcompress.cache import HeadView, PagedKVCache
+from kvcompress.compress import budget
+from kvcompress.compress.compaction import compact
+from kvcompress.compress.params import CompressionParams
+from kvcompress.compress.planner import (
+    chunk_scores,
+    plan_from_chunks,
+    select_global,
+    select_per_head,
+    sort_scores,
+)
+
+
+class CompressionStats(NamedTuple):
+    sequences: int
+    kvs_evicted: int
+    blocks_freed: int
+    seconds: float
+
+
+class Compressor:
+    def __init__(self, cache: PagedKVCache, max_kvs_per_pass: int = 1 << 24, seed: int = 0) -> None:
+        if max_kvs_per_pass < 1:
+            raise ValueError(f"max_kvs_per_pass must be >= 1, got {max_kvs_per_pass}")
+        self.cache = cache
+        self.max_kvs_per_pass = max_kvs_per_pass
+        self._generator = torch.Generator(device=cache.config.device).manual_seed(seed)
+
+    def compress(
+        self, seq_slots: Sequence[int], params: Sequence[CompressionParams]
+    ) -> CompressionStats:
+        """Evict down to each sequence's budget; sequences already within it are untouched."""
+        if len(seq_slots) != len(params):
+            raise ValueError("one CompressionParams per sequence slot")
+        start = time.perf_counter()
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(params):
+            if p.evicts:
+                groups.setdefault(p.policy, []).append(i)
+        kvs = blocks = 0
+        for members in groups.values():
+            for batch in self._passes([seq_slots[i] for i in members]):
+                e, b = self._compress_pass(
+                    [seq_slots[members[i]] for i in batch], [params[members[i]] for i in batch]
+                )
+                kvs += e
+                blocks += b
+        n = sum(len(m) for m in groups.values())
+        return CompressionStats(n, kvs, blocks, time.perf_counter() - start)
+
+    def _passes(self, slots: list[int]) -> list[list[int]]:
+        """Split sequences (as indices into ``slots``) so each pass sorts at most
+        ``max_kvs_per_pass`` KVs; a single sequence larger than that gets a pass of its own."""
+        lens = self.cache.context_lens[:, slots, :].amax(dim=(0, 2)).tolist()
+        rows = self.cache.num_layers * self.cache.num_kv_heads
+        passes: list[list[int]] = []
+        current: list[int] = []
+        longest = 0
+        for i, n in enumerate(lens):
+            widest = max(longest, n)
+            if current and widest * rows * (len(current) + 1) > self.max_kvs_per_pass:
+                passes.append(current)
+                current, widest = [], n
+            current.append(i)
+            longest = widest
+        if current:
+            passes.append(current)
+        return passes
+
+    def _compress_pass(self, slots: list[int], params: list[CompressionParams]) -> tuple[int, int]:
+        cache = self.cache
+        dev = cache.config.device
+        seq_slots = torch.tensor(slots, dtype=torch.long, device=dev)
+        view = cache.head_view(seq_slots)
+        if view.width == 0:
+            return 0, 0
+        scores = self._scores(seq_slots, view, params)
+        sorted_scores, order = sort_scores(scores)
+        chunks = chunk_scores(sorted_scores, view.lens, cache.block_size)
+
+        seq_lens = cache.seq_lens[seq_slots]
+        protected = budget.protected_count(
+            seq_lens, self._col(params, "protected_window", dev), self._col(params, "sinks", dev)
+        )
+        target = budget.target_kept_per_head(
+            seq_lens.double(),
+            protected.double(),
+            self._col(params, "compression_rate", dev, torch.float64),
+            self._col(params, "max_cache_tokens", dev, torch.float64),
+        )
+        LH = view.lens.shape[1]
+        allowed = budget.allowed_blocks(target, LH, cache.block_size)
+        allocation = params[0].policy_spec.allocation
+        if allocation == "global":
+            held = torch.div(
+                view.lens + cache.block_size - 1, cache.block_size, rounding_mode="floor"
+            )
+            to_free = (held.sum(dim=1) - allowed).clamp(min=0)
+            freed = select_global(chunks, to_free)
+        else:
+            if allocation == "pyramid":
+                per_head = budget.spread_pyramid(allowed, cache.num_layers, cache.num_kv_heads)
+            else:
+                per_head = budget.spread_evenly(allowed, LH)
+            freed = select_per_head(chunks, view.lens, per_head, cache.block_size)
+        plan = plan_from_chunks(order, view.lens, freed, cache.block_size)
+        blocks = compact(cache, seq_slots, view, plan)
+        return int(plan.evict_counts.sum().item()), blocks
+
+    def _scores(
+        self, seq_slots: torch.Tensor, view: HeadView, params: list[CompressionParams]
+    ) -> torch.Tensor:
+        """Eviction scores ``[S, LH, width]``, all >= 0: low is evicted first, +inf never."""
+        cache = self.cache
+        spec = params[0].policy_spec
+        positions = view.gather(cache.position)
+        seq_lens = cache.seq_lens[seq_slots].view(-1, 1, 1).int()
+        if spec.score == "position":
+            scores = positions.float()
+        elif spec.score == "random":
+            shape = positions.shape
+            scores = torch.rand(shape, generator=self._generator, device=positions.device)
+        else:
+            scores = view.gather(cache.metric)
+            averaged = [p.effective_metric.endswith("avg") for p in params]
+            if any(averaged):
+                seen = (seq_lens - positions).clamp(min=1).float()
+                mask = torch.tensor(averaged, device=scores.device).view(-1, 1, 1)
+                scores = torch.where(mask, scores / seen, scores)
+        dev = scores.device
+        window = self._col(params, "protected_window", dev).view(-1, 1, 1).int()
+        sinks = self._col(params, "sinks", dev).view(-1, 1, 1).int()
+        keep = (positions >= seq_lens - window) | (positions < sinks) | ~view.valid()
+        return scores.masked_fill_(keep, float("inf"))
+
+    @staticmethod
+    def _col(
+        params: list[CompressionParams], name: str, device: torch.device, dtype=torch.long
+    ) -> torch.Tensor:
+        values = [getattr(p, name) for p in params]
+        values = [math.nan if v is None else v for v in values]
+        return torch.tensor(values, dtype=dtype, device=device)

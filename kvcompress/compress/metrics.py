@@ -1,0 +1,79 @@
+"""The eviction metric: how much attention each cached KV has received.
+
+L2-sum (default): sum over observed queries of the squared attention probability, summed over
+the query heads of the KV head's GQA group. L1 variants skip the square; the "avg" variants
+divide by the number of queries a KV has seen, which is applied when scoring (see
+:func:`kvcompress.compress.scoring.eviction_scores`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+METRICS = ("l2-sum", "l1-sum", "l2-avg", "l1-avg")
+
+
+def metric_power(metric: str) -> int:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    return 2 if metric.startswith("l2") else 1
+
+
+@dataclass(frozen=True)
+class MetricConfig:
+    """How the prefill metric is collected (engine-wide)."""
+
+    window_size: int = 32  # observation window: the last queries of the prompt
+    collection_buffer: int = 0  # skip query-key pairs closer than this many positions
+    pool_kernel: int = 7  # 1-D max-pool along the key axis; 1 disables pooling
+
+    def __post_init__(self) -> None:
+        if self.window_size < 1:
+            raise ValueError(f"window_size must be >= 1, got {self.window_size}")
+        if self.collection_buffer < 0:
+            raise ValueError(f"collection_buffer must be >= 0, got {self.collection_buffer}")
+        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            raise ValueError(f"pool_kernel must be a positive odd number, got {self.pool_kernel}")
+
+
+def window_metric(
+    q_window: torch.Tensor,  # [Hq, w, D], the last w queries of one prompt
+    k: torch.Tensor,  # [T, Hkv, D], all keys of that prompt
+    scale: float,
+    power: int,
+    config: MetricConfig,
+) -> torch.Tensor:
+    """Initial metric ``[Hkv, T]`` of a prompt's KVs from its observation window."""
+    num_q_heads, w, _ = q_window.shape
+    T, num_kv_heads, _ = k.shape
+    group = num_q_heads // num_kv_heads
+    keys = k.transpose(0, 1).repeat_interleave(group, dim=0).float()  # [Hq, T, D]
+    logits = torch.matmul(q_window.float(), keys.transpose(1, 2)) * scale  # [Hq, w, T]
+    q_pos = torch.arange(T - w, T, device=k.device).view(w, 1)
+    k_pos = torch.arange(T, device=k.device).view(1, T)
+    logits = logits.masked_fill(k_pos > q_pos, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if power == 2:
+        probs = probs * probs
+    if config.collection_buffer:
+        probs = probs.masked_fill((q_pos - k_pos) < config.collection_buffer, 0.0)
+    per_head = probs.sum(dim=1)  # [Hq, T]
+    if config.pool_kernel > 1:
+        pad = config.pool_kernel // 2
+        per_head = F.max_pool1d(per_head.unsqueeze(1), config.pool_kernel, 1, pad).squeeze(1)
+    return per_head.view(num_kv_heads, group, T).sum(dim=1)
+
+
+def decode_metric(probs: torch.Tensor, power: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """What one decode step adds to each KV's metric.
+
+    ``probs [B, Hq, Lmax]`` are the step's attention probabilities per query head over each KV
+    head's held KVs; ``power [B]`` is 1 or 2 per sequence. Returns ``[B, Hkv, Lmax]``.
+    """
+    B, num_q_heads, lmax = probs.shape
+    probs = probs.float()
+    contrib = torch.where(power.view(B, 1, 1) == 2, probs * probs, probs)
+    return contrib.view(B, num_kv_heads, num_q_heads // num_kv_heads, lmax).sum(dim=2)

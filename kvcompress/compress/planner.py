@@ -1,0 +1,79 @@
+"""Block-aligned eviction planning (the KV-Compress choice of what to evict).
+
+Inputs are per (sequence, layer-head) rows of eviction scores in logical slot order, with
++inf for KVs that may not be evicted (protected, sinks, padding). For a head holding ``n`` KVs
+whose last block holds ``hang`` of them, evicting its ``j * block_size + hang`` lowest KVs frees
+exactly ``j + 1`` blocks; that chunk's score is the largest metric it evicts. Scores rise
+within a head, so taking the lowest chunks of a sequence gives each head a prefix of its
+chunks. Ties are broken by chunk index first (a stable sort over a chunk-major layout), which
+keeps that prefix property even among equal scores, so the requested number of blocks is
+always freed exactly (or every evictable block if fewer).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class EvictionPlan(NamedTuple):
+    evict_mask: torch.Tensor  # [S, LH, Lmax] bool, in logical slot order
+    evict_counts: torch.Tensor  # [S, LH] KVs evicted per head
+    blocks_freed: torch.Tensor  # [S, LH] blocks freed per head
+
+
+def chunk_scores(sorted_scores: torch.Tensor, lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``[S, LH, max_blocks]``: the score of freeing ``j + 1`` blocks of each head."""
+    lmax = sorted_scores.shape[-1]
+    num_blocks = torch.div(lens + block_size - 1, block_size, rounding_mode="floor")
+    hang = lens - (num_blocks - 1) * block_size  # KVs in the last, partial block
+    max_blocks = -(-lmax // block_size)
+    j = torch.arange(max_blocks, device=lens.device)
+    idx = j * block_size + hang.unsqueeze(-1) - 1
+    in_head = j < num_blocks.unsqueeze(-1)
+    scores = torch.gather(sorted_scores, -1, idx.clamp(0, max(lmax - 1, 0)))
+    return scores.masked_fill(~in_head, float("inf"))
+
+
+def select_global(chunks: torch.Tensor, blocks_to_free: torch.Tensor) -> torch.Tensor:
+    """Chunks freed per head ``[S, LH]`` when each sequence frees its lowest chunks."""
+    S, LH, max_blocks = chunks.shape
+    flat = chunks.transpose(1, 2).reshape(S, max_blocks * LH)  # chunk-major for tie-breaking
+    ordered, order = torch.sort(flat, dim=1, stable=True)
+    rank = torch.arange(flat.shape[1], device=chunks.device)
+    take = (rank < blocks_to_free.unsqueeze(1)) & torch.isfinite(ordered)
+    chosen = torch.zeros_like(take).scatter(1, order, take)
+    return chosen.view(S, max_blocks, LH).sum(dim=1)
+
+
+def select_per_head(
+    chunks: torch.Tensor, lens: torch.Tensor, allowed: torch.Tensor, block_size: int
+):
+    """Chunks freed per head ``[S, LH]`` when each head may keep ``allowed`` blocks."""
+    num_blocks = torch.div(lens + block_size - 1, block_size, rounding_mode="floor")
+    evictable = torch.isfinite(chunks).sum(dim=-1)
+    return torch.minimum((num_blocks - allowed).clamp(min=0), evictable)
+
+
+def plan_from_chunks(
+    order: torch.Tensor, lens: torch.Tensor, chunks_freed: torch.Tensor, block_size: int
+) -> EvictionPlan:
+    """Expand chunks freed per head into the KVs to evict (the lowest of each head)."""
+    num_blocks = torch.div(lens + block_size - 1, block_size, rounding_mode="floor")
+    hang = lens - (num_blocks - 1) * block_size
+    counts = torch.where(chunks_freed > 0, (chunks_freed - 1) * block_size + hang, 0)
+    rank = torch.arange(order.shape[-1], device=order.device)
+    evict_sorted = rank < counts.unsqueeze(-1)
+    evict_mask = torch.zeros_like(evict_sorted).scatter(-1, order, evict_sorted)
+    return EvictionPlan(evict_mask, counts, chunks_freed)
+
+
+def sort_scores(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending and stable, so equal scores keep slot order and plans are deterministic.
+
+    Scores must be non-negative fp32 (+inf allowed): the bit patterns of such floats order
+    like the floats themselves, and integer sorting is markedly faster on CPU.
+    """
+    bits, order = torch.sort(scores.contiguous().view(torch.int32), dim=-1, stable=True)
+    return bits.view(torch.float32), order
