@@ -54,10 +54,17 @@ class HeadView(NamedTuple):
         """``[S, LH, width]`` bool: the slot holds a KV."""
         return torch.arange(self.width, device=self.lens.device) < self.lens.unsqueeze(-1)
 
-    def gather(self, per_slot: torch.Tensor) -> torch.Tensor:
-        """A per-slot pool (``[num_blocks, block_size, ...]``) as ``[S, LH, width, ...]``."""
+    def gather(self, per_slot: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A per-slot pool (``[num_blocks, block_size, ...]``) as ``[S, LH, width, ...]``.
+
+        ``out``, if given, must hold ``S * LH * max_blocks`` rows of the pool's row shape.
+        """
         S, LH, nb = self.blocks.shape
-        rows = per_slot.index_select(0, self.blocks.reshape(-1))
+        index = self.blocks.reshape(-1)
+        if out is None:
+            rows = per_slot.index_select(0, index)
+        else:
+            rows = torch.index_select(per_slot, 0, index, out=out.view(-1, *per_slot.shape[1:]))
         return rows.view(S, LH, nb * self.block_size, *per_slot.shape[2:])
 
     def flat_slots(self, seq: torch.Tensor, row: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,15 @@ import torch
 
 from kvcompress.cache import HeadView, PagedKVCache
 from kvcompress.compress.planner import EvictionPlan
+from kvcompress.compress.workspace import Workspace
 
 
 def compact(
-    cache: PagedKVCache, seq_slots: torch.Tensor, view: HeadView, plan: EvictionPlan
+    cache: PagedKVCache,
+    seq_slots: torch.Tensor,
+    view: HeadView,
+    plan: EvictionPlan,
+    workspace: Workspace | None = None,
 ) -> int:
     """Apply a plan to the cache; returns the number of blocks returned to the pool."""
     S, _LH, width = plan.evict_mask.shape
@@ -33,11 +38,15 @@ def compact(
     if hs.numel():
         dst = view.flat_slots(hs, hl, hp)
         src = view.flat_slots(ms, ml, width - 1 - mp)
+        workspace = workspace or Workspace(dev)
         d = cache.head_dim
+        n = src.numel()
         for pool in (cache.k_pool.view(-1, d), cache.v_pool.view(-1, d)):
-            pool.index_copy_(0, dst, pool.index_select(0, src))
+            staged = workspace.get("moved_kv", (n, d), pool.dtype)
+            pool.index_copy_(0, dst, torch.index_select(pool, 0, src, out=staged))
         for per_slot in (cache.metric.view(-1), cache.position.view(-1)):
-            per_slot.index_copy_(0, dst, per_slot.index_select(0, src))
+            staged = workspace.get("moved_meta", (n,), per_slot.dtype)
+            per_slot.index_copy_(0, dst, torch.index_select(per_slot, 0, src, out=staged))
 
     # Return the blocks past each head's new end to the pool.
     old_nb = torch.div(view.lens + bs - 1, bs, rounding_mode="floor")

@@ -25,6 +25,7 @@ from kvcompress.compress.planner import (
     select_per_head,
     sort_scores,
 )
+from kvcompress.compress.workspace import Workspace
 
 
 class CompressionStats(NamedTuple):
@@ -41,6 +42,7 @@ class Compressor:
         self.cache = cache
         self.max_kvs_per_pass = max_kvs_per_pass
         self._generator = torch.Generator(device=cache.config.device).manual_seed(seed)
+        self.workspace = Workspace(cache.config.device)
 
     def compress(
         self, seq_slots: Sequence[int], params: Sequence[CompressionParams]
@@ -91,7 +93,14 @@ class Compressor:
         if view.width == 0:
             return 0, 0
         scores = self._scores(seq_slots, view, params)
-        sorted_scores, order = sort_scores(scores)
+        ws = self.workspace
+        sorted_scores, order = sort_scores(
+            scores,
+            out=(
+                ws.get("sorted", scores.shape, torch.int32),
+                ws.get("order", scores.shape, torch.long),
+            ),
+        )
         chunks = chunk_scores(sorted_scores, view.lens, cache.block_size)
 
         seq_lens = cache.seq_lens[seq_slots]
@@ -120,7 +129,7 @@ class Compressor:
                 per_head = budget.spread_evenly(allowed, LH)
             freed = select_per_head(chunks, view.lens, per_head, cache.block_size)
         plan = plan_from_chunks(order, view.lens, freed, cache.block_size)
-        blocks = compact(cache, seq_slots, view, plan)
+        blocks = compact(cache, seq_slots, view, plan, ws)
         return int(plan.evict_counts.sum().item()), blocks
 
     def _scores(
@@ -129,7 +138,11 @@ class Compressor:
         """Eviction scores ``[S, LH, width]``, all >= 0: low is evicted first, +inf never."""
         cache = self.cache
         spec = params[0].policy_spec
-        positions = view.gather(cache.position)
+        rows = view.blocks.numel()
+        ws = self.workspace
+        positions = view.gather(
+            cache.position, ws.get("positions", (rows, cache.block_size), torch.int32)
+        )
         seq_lens = cache.seq_lens[seq_slots].view(-1, 1, 1).int()
         if spec.score == "position":
             scores = positions.float()
@@ -137,7 +150,9 @@ class Compressor:
             shape = positions.shape
             scores = torch.rand(shape, generator=self._generator, device=positions.device)
         else:
-            scores = view.gather(cache.metric)
+            scores = view.gather(
+                cache.metric, ws.get("scores", (rows, cache.block_size), torch.float32)
+            )
             averaged = [p.effective_metric.endswith("avg") for p in params]
             if any(averaged):
                 seen = (seq_lens - positions).clamp(min=1).float()

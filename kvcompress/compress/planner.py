@@ -69,11 +69,18 @@ def plan_from_chunks(
     return EvictionPlan(evict_mask, counts, chunks_freed)
 
 
-def sort_scores(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_scores(
+    scores: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Ascending and stable, so equal scores keep slot order and plans are deterministic.
 
     Scores must be non-negative fp32 (+inf allowed): the bit patterns of such floats order
-    like the floats themselves, and integer sorting is markedly faster on CPU.
+    like the floats themselves, and integer sorting is markedly faster on CPU. ``out`` may
+    supply (int32 values, int64 indices) tensors of the scores' shape.
     """
-    bits, order = torch.sort(scores.contiguous().view(torch.int32), dim=-1, stable=True)
+    keys = scores.contiguous().view(torch.int32)
+    if out is None:
+        bits, order = torch.sort(keys, dim=-1, stable=True)
+    else:
+        bits, order = torch.sort(keys, dim=-1, stable=True, out=out)
     return bits.view(torch.float32), order

@@ -1,0 +1,1 @@
+"""Benchmark commands: figures printed from real runs, never timed tests."""

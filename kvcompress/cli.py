@@ -1,0 +1,81 @@
+"""The ``kvcompress`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"rates must be comma-separated numbers: {text!r}"
+        ) from err
+    if not rates or any(r < 1 for r in rates):
+        raise argparse.ArgumentTypeError(f"rates must be numbers >= 1: {text!r}")
+    return tuple(int(r) if r.is_integer() else r for r in rates)
+
+
+def _bench_memory(args: argparse.Namespace) -> int:
+    from kvcompress.bench.memory import MemoryBenchConfig, run_memory_bench
+    from kvcompress.bench.report import print_json, print_table
+
+    cfg = MemoryBenchConfig(
+        prompt_len=args.prompt_len,
+        num_seqs=args.num_seqs,
+        block_size=args.block_size,
+        rates=args.rates,
+        protected_window=args.protected_window,
+        policy=args.policy,
+        repeats=args.repeats,
+    )
+    rows = run_memory_bench(cfg)
+    if args.json:
+        print_json({"config": vars(cfg) | {"rates": list(cfg.rates)}, "rows": rows})
+    else:
+        print(
+            f"memory benchmark: {cfg.num_seqs} sequences x {cfg.prompt_len} tokens, "
+            f"{cfg.num_layers} layers x {cfg.num_kv_heads} KV heads x head dim {cfg.head_dim}, "
+            f"block size {cfg.block_size}, policy {cfg.policy}, "
+            f"protected window {cfg.protected_window}"
+        )
+        print_table(rows)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvcompress", description="KV-Compress: paged KV-cache compression per attention head"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
+        dest="bench", required=True
+    )
+    memory = bench.add_parser("memory", help="physical memory freed vs KVs evicted")
+    memory.add_argument("--prompt-len", type=int, default=2048)
+    memory.add_argument("--num-seqs", type=int, default=8)
+    memory.add_argument("--block-size", type=int, default=16)
+    memory.add_argument("--rates", type=_rates, default=(1, 2, 4, 8, 16, 32, 64))
+    memory.add_argument("--protected-window", type=int, default=32)
+    memory.add_argument("--policy", default="kvcompress")
+    memory.add_argument("--repeats", type=int, default=3)
+    memory.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    memory.set_defaults(func=_bench_memory)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        parser.exit(2, f"kvcompress: error: {err}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
