@@ -1,0 +1,85 @@
+"""One request's state inside the engine, and what the engine reports about it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from kvcompress.compress import CompressionParams
+from kvcompress.engine.sampling import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class KVStats(NamedTuple):
+    kvs_seen: int  # tokens x layers x KV heads written
+    kvs_kept: int
+    physical_kvs: int  # blocks x block_size
+    blocks: int
+    block_size: int
+    compression_rate: float  # kvs_seen / kvs_kept
+    physical_over_theoretical: float
+    kept_per_layer_head: list[list[int]]
+    compressions: int
+
+    def as_dict(self) -> dict:
+        return self._asdict()
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    compression: CompressionParams
+    arrival: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    slot: int | None = None
+    finish_reason: str | None = None
+    output_text: str = ""
+    steps_since_compression: int = 0
+    compressions: int = 0
+    preemptions: int = 0
+    kv_stats: KVStats | None = None
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if self.sampling.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.sampling.seed)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def may_compress(self) -> bool:
+        """Whether a compression now is allowed by the request's parameters."""
+        p = self.compression
+        return p.evicts and not (p.compress_once and self.compressions > 0)
+
+
+class RequestOutput(NamedTuple):
+    request_id: str
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finished: bool
+    finish_reason: str | None
+    kv: KVStats | None
