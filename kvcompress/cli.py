@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from kvcompress.generate_cmd import add_generate_parser
+
 
 def _rates(text: str) -> tuple[float, ...]:
     try:
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kvcompress", description="KV-Compress: paged KV-cache compression per attention head"
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(commands)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
         dest="bench", required=True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -33,6 +34,8 @@ class EngineStats(NamedTuple):
     preemptions: int
     prompt_tokens: int  # processed since start
     generation_tokens: int  # generated since start
+    prefill_seconds: float  # model time in prefill steps since start
+    decode_seconds: float  # model time in decode steps since start
 
 
 def merge_compression(
@@ -92,6 +95,9 @@ class LLMEngine:
         self._ids = itertools.count()
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.prefill_seconds = 0.0
+        self.decode_seconds = 0.0
+        self.last_teacher_force_stats: KVStats | None = None
 
     # ------------------------------------------------------------------ requests
     def tokenize(self, prompt: str) -> list[int]:
@@ -168,12 +174,17 @@ class LLMEngine:
             outputs.append(self._output(seq))
         if not batch.seqs:
             return outputs
+        start = time.perf_counter()
         logits = self.runner.run(batch.seqs, batch.is_prefill)
-        if batch.is_prefill:
-            self.prompt_tokens += sum(s.num_tokens for s in batch.seqs)
         tokens = self.sampler(
             logits, [s.sampling for s in batch.seqs], [s.generator for s in batch.seqs]
         ).tolist()
+        elapsed = time.perf_counter() - start
+        if batch.is_prefill:
+            self.prompt_tokens += sum(s.num_tokens for s in batch.seqs)
+            self.prefill_seconds += elapsed
+        else:
+            self.decode_seconds += elapsed
         for seq, token in zip(batch.seqs, tokens, strict=True):
             seq.output_token_ids.append(token)
             self.generation_tokens += 1
@@ -261,7 +272,46 @@ class LLMEngine:
             preemptions=s.preemptions,
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
+            prefill_seconds=self.prefill_seconds,
+            decode_seconds=self.decode_seconds,
         )
+
+    @torch.inference_mode()
+    def teacher_force(
+        self,
+        prefix: list[int],
+        continuation: list[int],
+        compression: CompressionParams | Mapping[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[len(continuation), vocab]`` predicting each continuation token.
+
+        The prefix is prefilled and compressed once with the given parameters; then the true
+        continuation is fed one token per decode step, exactly as generation would, so the
+        logits show what a compressed cache does to the next-token distribution. Runs alone:
+        the engine must have no requests in flight.
+        """
+        if self.has_unfinished_requests():
+            raise RuntimeError("teacher_force needs an idle engine")
+        if not prefix or not continuation:
+            raise ValueError("prefix and continuation must both be non-empty")
+        params = merge_compression(self.config.compression, compression)
+        seq = Sequence("teacher-force", list(prefix), SamplingParams(), params)
+        total = len(prefix) + len(continuation) - 1
+        if total > self.max_model_len:
+            raise ValueError(f"{total} tokens exceed the model context of {self.max_model_len}")
+        seq.slot = self.cache.allocate_seq()
+        try:
+            rows = [self.runner.run([seq], is_prefill=True)[0]]
+            if params.evicts:
+                self.compressor.compress([seq.slot], [params])
+            for token in continuation[:-1]:
+                seq.output_token_ids.append(token)
+                rows.append(self.runner.run([seq], is_prefill=False)[0])
+            seq.kv_stats = self.kv_stats(seq)
+        finally:
+            self.cache.free_seq(seq.slot)
+        self.last_teacher_force_stats = seq.kv_stats
+        return torch.stack(rows).float()
 
     def run_until_done(self, on_output=None) -> None:
         while self.has_unfinished_requests():

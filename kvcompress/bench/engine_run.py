@@ -1,0 +1,61 @@
+"""Run a batch of requests through an engine and measure what happened."""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+from kvcompress.engine import LLMEngine, SamplingParams
+
+
+class RunResult(NamedTuple):
+    seconds: float
+    prompt_tokens: int
+    output_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    compression_seconds: float
+    peak_running: int
+    peak_blocks_used: int
+    preemptions: int
+
+    @property
+    def total_tokens_per_s(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.seconds
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+
+def run_all(
+    engine: LLMEngine, prompts: list[list[int]], output_len: int, compression=None
+) -> RunResult:
+    """Submit every prompt at once (each generating exactly ``output_len`` tokens) and run
+    the engine until all finish."""
+    before = engine.stats()
+    sampling = SamplingParams(max_tokens=output_len, ignore_eos=True)
+    for prompt in prompts:
+        engine.add_request(prompt, sampling, compression)
+    peak_running = peak_blocks = 0
+    output_tokens = 0
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        stats = engine.stats()
+        peak_running = max(peak_running, stats.running)
+        peak_blocks = max(peak_blocks, stats.blocks_total - stats.blocks_free)
+        output_tokens += sum(len(o.token_ids) for o in outputs if o.finished)
+    seconds = time.perf_counter() - start
+    after = engine.stats()
+    return RunResult(
+        seconds=seconds,
+        prompt_tokens=sum(len(p) for p in prompts),
+        output_tokens=output_tokens,
+        prefill_seconds=after.prefill_seconds - before.prefill_seconds,
+        decode_seconds=after.decode_seconds - before.decode_seconds,
+        compression_seconds=after.compression_seconds - before.compression_seconds,
+        peak_running=peak_running,
+        peak_blocks_used=peak_blocks,
+        preemptions=after.preemptions - before.preemptions,
+    )
