@@ -117,19 +117,29 @@ class LLMEngine:
         sampling: SamplingParams | None = None,
         compression: CompressionParams | Mapping[str, Any] | None = None,
         request_id: str | None = None,
+        suffix: str | list[int] | None = None,
     ) -> str:
-        """Queue a request; returns its id. Raises ValueError for a request that can never run."""
+        """Queue a request; returns its id. Raises ValueError for a request that can never run.
+
+        ``suffix`` (optional) is fed after the prompt has been prefilled and compressed, one
+        token per decode step, before generation starts: for example a question added to a
+        context that was compressed without seeing it.
+        """
         sampling = sampling or SamplingParams()
         params = merge_compression(self.config.compression, compression)
         token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not token_ids:
             raise ValueError("the prompt is empty")
+        if isinstance(suffix, str):
+            suffix_ids = list(self.tokenizer(suffix, add_special_tokens=False)["input_ids"])
+        else:
+            suffix_ids = list(suffix or [])
         vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids + suffix_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(token_ids) >= self.max_model_len:
+        if len(token_ids) + len(suffix_ids) >= self.max_model_len:
             raise ValueError(
-                f"the prompt has {len(token_ids)} tokens; the model's context is "
+                f"the prompt has {len(token_ids) + len(suffix_ids)} tokens; the model's context is "
                 f"{self.max_model_len} tokens, including at least one generated token"
             )
         need = self.scheduler.prompt_blocks(len(token_ids))
@@ -145,7 +155,7 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        seq = Sequence(request_id, token_ids, sampling, params)
+        seq = Sequence(request_id, token_ids, sampling, params, pending_suffix=suffix_ids)
         self._requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -186,6 +196,9 @@ class LLMEngine:
         else:
             self.decode_seconds += elapsed
         for seq, token in zip(batch.seqs, tokens, strict=True):
+            if seq.pending_suffix:  # still feeding the suffix: its next token, not a sample
+                seq.prompt_token_ids.append(seq.pending_suffix.pop(0))
+                continue
             seq.output_token_ids.append(token)
             self.generation_tokens += 1
             self._check_stop(seq, token)

@@ -51,6 +51,9 @@ class Sequence:
     preemptions: int = 0
     kv_stats: KVStats | None = None
     generator: torch.Generator | None = None
+    # Tokens appended to the prompt one decode step at a time after the prompt was prefilled
+    # and compressed: lets a question arrive after its context was compressed.
+    pending_suffix: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.sampling.seed is not None:

@@ -1,0 +1,432 @@
+"""An asyncio front for ``LLMEngine``: many concurrent callers, one engine thread.
+
+``LLMEngine`` is not thread-safe, so exactly one background thread touches it. Callers hand
+it commands (add, abort, call) through a lock-protected list; the thread runs them between
+steps, so every request that arrives while a step is running joins the very next batch
+(continuous batching across callers). Outputs travel back through one ``asyncio.Queue`` per
+request, filled with ``loop.call_soon_threadsafe``. The thread sleeps on a condition
+variable when there is nothing to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple, TypeVar
+
+from kvcompress.compress import CompressionParams
+from kvcompress.engine.config import EngineConfig
+from kvcompress.engine.engine import EngineStats, LLMEngine
+from kvcompress.engine.sampling import SamplingParams
+from kvcompress.engine.sequence import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """Chat messages, rendered with the model's chat template in the engine thread."""
+
+    messages: list[dict[str, str]]
+
+
+Prompt = str | list[int] | ChatPrompt
+
+
+class ContextLengthError(ValueError):
+    """Prompt plus ``max_tokens`` do not fit in the model's context."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed while running this request; the request was dropped."""
+
+
+class EngineShutdownError(RuntimeError):
+    """The engine stopped (or was never started) before the request could finish."""
+
+
+class ThroughputSample(NamedTuple):
+    time: float
+    prompt_tokens: int
+    generation_tokens: int
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any) -> None:
+    """Schedule ``fn`` on a caller's event loop from the engine thread."""
+    # A closed loop means the caller is gone and nobody is waiting for the answer.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)
+
+
+class _Stream:
+    """The caller's side of one request: outputs or an exception, in order."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id = request_id
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """Called from the engine thread."""
+        _call_soon(self.loop, self.queue.put_nowait, item)
+
+
+class RequestStream:
+    """An accepted request's outputs, as an async iterator.
+
+    Leaving ``async with`` (or calling ``abort``) before the final output aborts the request,
+    which frees its KV blocks; this is what a client disconnect turns into.
+    """
+
+    def __init__(self, engine: AsyncLLMEngine, stream: _Stream, prompt_tokens: int) -> None:
+        self._engine = engine
+        self._stream = stream
+        self.request_id = stream.request_id
+        self.prompt_tokens = prompt_tokens
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        queue = self._stream.queue
+        item = await queue.get()
+        # Each output carries the full text so far, so a slow consumer may skip to the newest
+        # one instead of working through a backlog token by token.
+        while not isinstance(item, BaseException) and not item.finished and not queue.empty():
+            item = queue.get_nowait()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._engine.abort(self.request_id)
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.abort()
+
+
+class AsyncLLMEngine:
+    """Owns an ``LLMEngine`` and the single thread that drives it."""
+
+    def __init__(
+        self,
+        engine: LLMEngine | EngineConfig | None = None,
+        *,
+        throughput_window: float = 10.0,
+    ) -> None:
+        if not isinstance(engine, LLMEngine):
+            engine = LLMEngine(engine)
+        self.engine = engine
+        self.max_model_len = engine.max_model_len
+        self.default_compression: CompressionParams = engine.config.compression
+        self.throughput_window = throughput_window
+        self._cond = threading.Condition()
+        self._commands: list[Callable[[], None]] = []  # guarded by _cond
+        self._stop = False  # guarded by _cond
+        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._thread: threading.Thread | None = None
+        self._stats: EngineStats = engine.stats()  # replaced whole, so readers need no lock
+        self._finished: Counter[str] = Counter()  # guarded by _counts_lock
+        self._counts_lock = threading.Lock()
+        self._samples: deque[ThroughputSample] = deque(maxlen=256)
+        self.step_errors = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the engine thread (idempotent)."""
+        if self._thread is not None:
+            return
+        # Daemon: a thread stuck in a long step must never keep the process alive on exit.
+        self._thread = threading.Thread(target=self._run, name="kvcompress-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop
+
+    def shutdown(self, timeout: float | None = 60.0) -> None:
+        """Stop the engine thread; every request still in flight is aborted."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ requests
+    async def add_request(
+        self,
+        prompt: Prompt,
+        sampling: SamplingParams,
+        compression: CompressionParams | Mapping[str, Any] | None = None,
+        request_id: str | None = None,
+        *,
+        fit_max_tokens: bool = False,
+    ) -> RequestStream:
+        """Queue a request and wait until the engine has accepted it.
+
+        Raises what ``LLMEngine.add_request`` raises (``ValueError``, ``QueueFullError``),
+        ``ContextLengthError`` when prompt plus ``max_tokens`` exceed the model's context,
+        and ``EngineShutdownError``. With ``fit_max_tokens``, ``max_tokens`` is instead
+        lowered to the room the prompt leaves (for callers that did not ask for a length).
+        """
+        loop = asyncio.get_running_loop()
+        request_id = request_id or uuid.uuid4().hex
+        stream = _Stream(request_id, loop)
+        accepted: asyncio.Future[int] = loop.create_future()
+
+        def resolve(result: int | BaseException) -> None:
+            def apply() -> None:
+                if accepted.done():  # the caller gave up waiting
+                    return
+                if isinstance(result, BaseException):
+                    accepted.set_exception(result)
+                else:
+                    accepted.set_result(result)
+
+            _call_soon(loop, apply)
+
+        def add() -> None:
+            try:
+                prompt_len = self._add(prompt, sampling, compression, stream, fit_max_tokens)
+            except Exception as err:
+                resolve(err)
+            else:
+                resolve(prompt_len)
+
+        if not self._submit(add):
+            raise EngineShutdownError("the engine is not running")
+        try:
+            prompt_len = await accepted
+        except asyncio.CancelledError:
+            self.abort(request_id)  # runs after the add, so nothing is left behind
+            raise
+        return RequestStream(self, stream, prompt_len)
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        sampling: SamplingParams,
+        compression: CompressionParams | Mapping[str, Any] | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as its tokens arrive; errors from adding it come first.
+
+        Cancelling the consumer (or closing the generator early) aborts the request.
+        """
+        stream = await self.add_request(prompt, sampling, compression, request_id)
+        async with stream:
+            async for output in stream:
+                yield output
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request from any thread; its blocks return to the pool between steps."""
+        # Once stopped there is nothing to abort: shutdown aborts every request itself.
+        self._submit(lambda: self._abort(request_id, "abort"))
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` in the engine thread between steps and return its result."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+
+        def run() -> None:
+            try:
+                result: Any = fn(self.engine)
+                ok = True
+            except Exception as err:
+                result, ok = err, False
+
+            def apply() -> None:
+                if done.done():
+                    return
+                if ok:
+                    done.set_result(result)
+                else:
+                    done.set_exception(result)
+
+            _call_soon(loop, apply)
+
+        if not self._submit(run):
+            raise EngineShutdownError("the engine is not running")
+        return await done
+
+    # ------------------------------------------------------------------ statistics
+    def stats(self) -> EngineStats:
+        """The engine's statistics as of the end of its last step (or command)."""
+        return self._stats
+
+    def finished_counts(self) -> dict[str, int]:
+        """Requests ended so far, by finish reason ('stop', 'length', 'abort', 'error')."""
+        with self._counts_lock:
+            return dict(self._finished)
+
+    def throughput(self, now: float | None = None) -> tuple[float, float]:
+        """Prompt and generation tokens per second over the last ``throughput_window`` s."""
+        now = time.monotonic() if now is None else now
+        stats = self._stats
+        samples = list(self._samples)
+        base: ThroughputSample | None = None
+        for sample in samples:  # the newest sample at least one window old, else the oldest
+            if sample.time <= now - self.throughput_window or base is None:
+                base = sample
+        if base is None or now - base.time <= 0:
+            return 0.0, 0.0
+        span = now - base.time
+        return (
+            (stats.prompt_tokens - base.prompt_tokens) / span,
+            (stats.generation_tokens - base.generation_tokens) / span,
+        )
+
+    # ------------------------------------------------------------------ engine thread
+    def _submit(self, command: Callable[[], None]) -> bool:
+        """Queue a command for the engine thread; False once the engine has stopped."""
+        with self._cond:
+            if self._stop or self._thread is None:
+                return False
+            self._commands.append(command)
+            self._cond.notify()
+            return True
+
+    def _add(
+        self,
+        prompt: Prompt,
+        sampling: SamplingParams,
+        compression: CompressionParams | Mapping[str, Any] | None,
+        stream: _Stream,
+        fit_max_tokens: bool,
+    ) -> int:
+        if self._stop:
+            raise EngineShutdownError("the engine is shutting down")
+        engine = self.engine
+        if isinstance(prompt, ChatPrompt):
+            token_ids = engine.apply_chat_template(prompt.messages)
+        elif isinstance(prompt, str):
+            token_ids = engine.tokenize(prompt)
+        else:
+            token_ids = list(prompt)
+        room = self.max_model_len - len(token_ids)
+        if room >= 1 and sampling.max_tokens > room:
+            if not fit_max_tokens:
+                raise ContextLengthError(
+                    f"the model's context is {self.max_model_len} tokens, but "
+                    f"{len(token_ids) + sampling.max_tokens} were requested "
+                    f"({len(token_ids)} in the prompt, {sampling.max_tokens} in max_tokens); "
+                    f"lower max_tokens to at most {room} or shorten the prompt"
+                )
+            sampling = replace(sampling, max_tokens=room)
+        # The engine itself rejects prompts that leave no room or exceed the KV budget.
+        engine.add_request(token_ids, sampling, compression, stream.request_id)
+        self._streams[stream.request_id] = stream
+        return len(token_ids)
+
+    def _abort(self, request_id: str, reason: str, error: BaseException | None = None) -> None:
+        stream = self._streams.pop(request_id, None)
+        try:
+            self.engine.abort_request(request_id)
+        except Exception:
+            logger.exception("aborting request %s failed", request_id)
+        if stream is None:
+            return  # already finished, or never accepted
+        self._count(reason)
+        if error is not None:
+            stream.put(error)
+        else:
+            stream.put(RequestOutput(request_id, "", [], 0, True, "abort", None))
+
+    def _count(self, reason: str) -> None:
+        with self._counts_lock:
+            self._finished[reason] += 1
+
+    def _run(self) -> None:
+        busy = False
+        last_sample = 0.0
+        while True:
+            with self._cond:
+                while not (self._commands or self._stop or busy):
+                    self._cond.wait()
+                commands, self._commands = self._commands, []
+                stop = self._stop
+            for command in commands:
+                try:
+                    command()
+                except Exception:  # a command must never take the engine thread down
+                    logger.exception("engine command failed")
+            if stop:
+                break
+            if self.engine.has_unfinished_requests():
+                self._step()
+            busy = self.engine.has_unfinished_requests()
+            self._refresh_stats()
+            now = time.monotonic()
+            if now - last_sample >= 0.25 or not busy:
+                last_sample = now
+                stats = self._stats
+                self._samples.append(
+                    ThroughputSample(now, stats.prompt_tokens, stats.generation_tokens)
+                )
+        self._abort_all(EngineShutdownError("the server is shutting down"))
+        with self._cond:  # commands that raced with the stop still get an answer
+            commands, self._commands = self._commands, []
+        for command in commands:
+            try:
+                command()
+            except Exception:
+                logger.exception("engine command failed during shutdown")
+        self._refresh_stats()
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as err:
+            self.step_errors += 1
+            logger.exception("engine step failed; failing the requests it was running")
+            self._fail_running(err)
+            return
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:  # aborted while the step ran
+                continue
+            if output.finished:
+                del self._streams[output.request_id]
+                self._count(output.finish_reason or "stop")
+            stream.put(output)
+
+    def _fail_running(self, err: Exception) -> None:
+        # LLMEngine does not say which requests a failed step touched; the running batch is
+        # the best guess. When nothing is running the failure is in admission, so everything
+        # still queued is failed rather than retried forever.
+        scheduler = getattr(self.engine, "scheduler", None)
+        running = [s.request_id for s in getattr(scheduler, "running", [])]
+        victims = running if any(r in self._streams for r in running) else list(self._streams)
+        for request_id in victims:
+            self._abort(request_id, "error", RequestFailedError(f"the engine failed: {err}"))
+
+    def _abort_all(self, error: BaseException) -> None:
+        for request_id in list(self._streams):
+            self._abort(request_id, "abort", error)
+
+    def _refresh_stats(self) -> None:
+        try:
+            self._stats = self.engine.stats()
+        except Exception:
+            logger.exception("reading engine statistics failed")
+
