@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from kvcompress.demo import add_demo_parser
 from kvcompress.generate_cmd import add_generate_parser
 
 
@@ -48,11 +49,71 @@ def _bench_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_decode(args: argparse.Namespace) -> int:
+    from kvcompress.bench.decode import DecodeBenchConfig, run_decode_bench
+    from kvcompress.bench.report import print_json, print_table
+
+    cfg = DecodeBenchConfig(
+        batch_sizes=tuple(int(b) for b in args.batch_sizes),
+        prompt_len=args.prompt_len,
+        output_len=args.output_len,
+        rate=args.rate,
+        model=args.model,
+        kv_cache_memory=args.kv_cache_memory,
+        transformers_baseline=not args.no_transformers,
+    )
+    rows = run_decode_bench(cfg)
+    if args.json:
+        print_json({"config": vars(cfg) | {"batch_sizes": list(cfg.batch_sizes)}, "rows": rows})
+    else:
+        print(
+            f"decode benchmark: prompts of {cfg.prompt_len} tokens, {cfg.output_len} generated, "
+            f"compression 'on' = kvcompress at rate {cfg.rate}; tokens/s"
+        )
+        print_table(rows)
+    return 0
+
+
+def _bench_throughput(args: argparse.Namespace) -> int:
+    from kvcompress.bench.report import print_json, print_table
+    from kvcompress.bench.throughput import (
+        ThroughputBenchConfig,
+        plot_speedup,
+        run_throughput_bench,
+    )
+
+    cfg = ThroughputBenchConfig(
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        rates=args.rates,
+        kv_cache_memory=args.kv_cache_memory,
+        policy=args.policy,
+        protected_window=args.protected_window,
+        model=args.model,
+        transformers_baseline=not args.no_transformers,
+    )
+    rows = run_throughput_bench(cfg)
+    plot = plot_speedup(rows, args.plot_dir) if args.plot_dir else None
+    if args.json:
+        print_json({"config": vars(cfg) | {"rates": list(cfg.rates)}, "rows": rows})
+    else:
+        print(
+            f"throughput benchmark: {cfg.num_prompts} prompts x {cfg.input_len} tokens in, "
+            f"{cfg.output_len} out, KV budget {cfg.kv_cache_memory}, policy {cfg.policy}"
+        )
+        print_table(rows)
+        if plot:
+            print(f"plot: {plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvcompress", description="KV-Compress: paged KV-cache compression per attention head"
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    add_demo_parser(commands)
     add_generate_parser(commands)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
@@ -68,6 +129,31 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--repeats", type=int, default=3)
     memory.add_argument("--json", action="store_true", help="one JSON document on stdout")
     memory.set_defaults(func=_bench_memory)
+
+    decode = bench.add_parser("decode", help="tokens/s by batch size, ours vs transformers")
+    decode.add_argument("--batch-sizes", type=_rates, default=(1, 8, 32))
+    decode.add_argument("--prompt-len", type=int, default=512)
+    decode.add_argument("--output-len", type=int, default=64)
+    decode.add_argument("--rate", type=float, default=8.0)
+    decode.add_argument("--model", default=None)
+    decode.add_argument("--kv-cache-memory", default="2GiB")
+    decode.add_argument("--no-transformers", action="store_true", help="skip the baseline")
+    decode.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    decode.set_defaults(func=_bench_decode)
+
+    tp = bench.add_parser("throughput", help="throughput at a fixed KV budget, by rate")
+    tp.add_argument("--num-prompts", type=int, default=32)
+    tp.add_argument("--input-len", type=int, default=1024)
+    tp.add_argument("--output-len", type=int, default=512)
+    tp.add_argument("--rates", type=_rates, default=(1, 8, 64))
+    tp.add_argument("--kv-cache-memory", default="200MiB")
+    tp.add_argument("--policy", default="kvcompress")
+    tp.add_argument("--protected-window", type=int, default=32)
+    tp.add_argument("--model", default=None)
+    tp.add_argument("--no-transformers", action="store_true", help="skip the baseline")
+    tp.add_argument("--plot-dir", default=None, help="write throughput_speedup.png here")
+    tp.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    tp.set_defaults(func=_bench_throughput)
     return parser
 
 

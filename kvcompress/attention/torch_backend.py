@@ -60,12 +60,17 @@ class TorchAttentionBackend:
 
     @staticmethod
     def _causal(q, k, v, scale) -> torch.Tensor:
-        group = q.shape[1] // k.shape[1]
-        qh = q.transpose(0, 1)  # [Hq, T, D]
-        kh = k.transpose(0, 1).repeat_interleave(group, dim=0)
-        vh = v.transpose(0, 1).repeat_interleave(group, dim=0)
-        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
-        return o.transpose(0, 1)
+        # 4-D inputs: with a batch dimension SDPA takes its fused CPU kernel (several times
+        # faster than on 3-D inputs); enable_gqa spares repeating K and V per query head.
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
+        )
+        return o[0].transpose(0, 1)
 
     # ------------------------------------------------------------------ decode
     def _gather(self, tables: torch.Tensor, lens: torch.Tensor):

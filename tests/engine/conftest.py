@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvcompress.engine import EngineConfig, LLMEngine
+from kvcompress.models.hf_reference import to_transformers
 
 
 def make_engine(**kwargs) -> LLMEngine:
@@ -21,25 +22,7 @@ def engine() -> LLMEngine:
 @pytest.fixture(scope="session")
 def hf_default_model(engine):
     """transformers' own Llama implementation holding the very same weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    mc = engine.model_config
-    config = LlamaConfig(
-        vocab_size=mc.vocab_size,
-        hidden_size=mc.hidden_size,
-        intermediate_size=mc.intermediate_size,
-        num_hidden_layers=mc.num_layers,
-        num_attention_heads=mc.num_heads,
-        num_key_value_heads=mc.num_kv_heads,
-        head_dim=mc.head_dim,
-        rms_norm_eps=mc.rms_norm_eps,
-        rope_theta=mc.rope_theta,
-        max_position_embeddings=mc.max_position_embeddings,
-        tie_word_embeddings=mc.tie_word_embeddings,
-    )
-    model = LlamaForCausalLM(config).eval()
-    model.load_state_dict(engine.runner.model.state_dict())
-    return model
+    return to_transformers(engine.runner.model, engine.model_config)
 
 
 def hf_logits(model, ids: list[int]) -> torch.Tensor:
