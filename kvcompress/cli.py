@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from kvcompress.demo import add_demo_parser
 from kvcompress.generate_cmd import add_generate_parser
+from kvcompress.server.cli import add_load_parser, add_serve_parser
 
 
 def _rates(text: str) -> tuple[float, ...]:
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_demo_parser(commands)
     add_generate_parser(commands)
+    add_serve_parser(commands)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
         dest="bench", required=True
@@ -154,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--plot-dir", default=None, help="write throughput_speedup.png here")
     tp.add_argument("--json", action="store_true", help="one JSON document on stdout")
     tp.set_defaults(func=_bench_throughput)
+
+    add_load_parser(bench)
     return parser
 
 

@@ -22,10 +22,10 @@ from typing import Any
 class LoadConfig:
     clients: int = 8
     duration: float = 30.0  # seconds of new requests per rate
-    prompt_len: int = 1024  # tokens
-    max_tokens: int = 32
+    prompt_len: int = 512  # tokens
+    max_tokens: int = 64
     rates: tuple[float, ...] = (1, 8)  # 1: compression off
-    kv_cache_memory: str = "128MiB"
+    kv_cache_memory: str = "48MiB"
     model: str | None = None
     block_size: int = 16
     max_num_seqs: int = 64
@@ -206,15 +206,15 @@ def _rates(text: str) -> tuple[float, ...]:
 def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, default=8, help="concurrent streaming clients")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load per rate")
-    p.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens")
-    p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
+    p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     p.add_argument(
         "--rates", type=_rates, default=(1, 8), help="server default compression rates (1: off)"
     )
     p.add_argument(
         "--kv-cache-memory",
-        default="128MiB",
-        help="KV budget; the default holds only ~2 uncompressed 1k-token sequences",
+        default="48MiB",
+        help="KV budget; the default holds one uncompressed default request at a time",
     )
     p.add_argument("--model", default=None)
     p.add_argument("--block-size", type=int, default=16)

@@ -21,8 +21,8 @@ def print_table(rows: Sequence[Mapping[str, Any]], file=None) -> None:
     if not rows:
         print("(no rows)", file=file)
         return
-    keys = list(rows[0])
-    cells = [[format_value(row[k]) for k in keys] for row in rows]
+    keys = list(dict.fromkeys(k for row in rows for k in row))  # union, first-seen order
+    cells = [[format_value(row[k]) if k in row else "-" for k in keys] for row in rows]
     widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
     print("  ".join(k.rjust(w) for k, w in zip(keys, widths, strict=True)), file=file)
     for c in cells:

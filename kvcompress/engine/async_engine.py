@@ -130,11 +130,11 @@ class AsyncLLMEngine:
 
     def __init__(
         self,
-        engine: LLMEngine | EngineConfig | None = None,
+        engine: LLMEngine | EngineConfig | None = None,  # or anything with its API (tests)
         *,
         throughput_window: float = 10.0,
     ) -> None:
-        if not isinstance(engine, LLMEngine):
+        if engine is None or isinstance(engine, EngineConfig):
             engine = LLMEngine(engine)
         self.engine = engine
         self.max_model_len = engine.max_model_len
@@ -283,14 +283,19 @@ class AsyncLLMEngine:
         """Prompt and generation tokens per second over the last ``throughput_window`` s."""
         now = time.monotonic() if now is None else now
         stats = self._stats
-        samples = list(self._samples)
+        window = self.throughput_window
+        # The newest sample at least one window old, else the oldest. The engine thread
+        # samples at least every 0.25 s while busy and once when it goes idle, so counters
+        # hardly move between that sample and ``now - window``.
         base: ThroughputSample | None = None
-        for sample in samples:  # the newest sample at least one window old, else the oldest
-            if sample.time <= now - self.throughput_window or base is None:
+        for sample in list(self._samples):
+            if base is None or sample.time <= now - window:
                 base = sample
-        if base is None or now - base.time <= 0:
+        if base is None:
             return 0.0, 0.0
-        span = now - base.time
+        span = min(now - base.time, window)
+        if span <= 0:
+            return 0.0, 0.0
         return (
             (stats.prompt_tokens - base.prompt_tokens) / span,
             (stats.generation_tokens - base.generation_tokens) / span,
@@ -318,7 +323,12 @@ class AsyncLLMEngine:
             raise EngineShutdownError("the engine is shutting down")
         engine = self.engine
         if isinstance(prompt, ChatPrompt):
-            token_ids = engine.apply_chat_template(prompt.messages)
+            try:
+                token_ids = engine.apply_chat_template(prompt.messages)
+            except ValueError:
+                raise
+            except Exception as err:  # jinja errors: the messages do not fit the template
+                raise ValueError(f"the chat template rejected the messages: {err}") from err
         elif isinstance(prompt, str):
             token_ids = engine.tokenize(prompt)
         else:
@@ -372,6 +382,8 @@ class AsyncLLMEngine:
                     logger.exception("engine command failed")
             if stop:
                 break
+            if commands:  # adds and aborts show in stats() without waiting for a step
+                self._refresh_stats()
             if self.engine.has_unfinished_requests():
                 self._step()
             busy = self.engine.has_unfinished_requests()
@@ -429,4 +441,3 @@ class AsyncLLMEngine:
             self._stats = self.engine.stats()
         except Exception:
             logger.exception("reading engine statistics failed")
-

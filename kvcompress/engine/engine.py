@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -14,11 +15,14 @@ from kvcompress.attention import TorchAttentionBackend
 from kvcompress.cache import CacheConfig, PagedKVCache
 from kvcompress.compress import CompressionParams, Compressor
 from kvcompress.engine.config import EngineConfig
+from kvcompress.engine.detokenizer import detokenize_step
 from kvcompress.engine.model_runner import ModelRunner
 from kvcompress.engine.sampling import Sampler, SamplingParams
 from kvcompress.engine.scheduler import Scheduler
 from kvcompress.engine.sequence import KVStats, RequestOutput, Sequence, SequenceStatus
 from kvcompress.models import load_model
+
+logger = logging.getLogger(__name__)
 
 
 class EngineStats(NamedTuple):
@@ -185,10 +189,19 @@ class LLMEngine:
         if not batch.seqs:
             return outputs
         start = time.perf_counter()
-        logits = self.runner.run(batch.seqs, batch.is_prefill)
-        tokens = self.sampler(
-            logits, [s.sampling for s in batch.seqs], [s.generator for s in batch.seqs]
-        ).tolist()
+        try:
+            logits = self.runner.run(batch.seqs, batch.is_prefill)
+            tokens = self.sampler(
+                logits, [s.sampling for s in batch.seqs], [s.generator for s in batch.seqs]
+            ).tolist()
+        except Exception:
+            # The batch's requests end with reason "error" and their blocks return to the
+            # pool; the engine and every other request carry on.
+            logger.exception("engine step failed; ending its %d requests", len(batch.seqs))
+            for seq in batch.seqs:
+                self._finish(seq, "error")
+                outputs.append(self._output(seq))
+            return outputs
         elapsed = time.perf_counter() - start
         if batch.is_prefill:
             self.prompt_tokens += sum(s.num_tokens for s in batch.seqs)
@@ -213,7 +226,8 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         sp = seq.sampling
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        detokenize_step(self.tokenizer, seq.output_token_ids, seq.detokenizer)
+        text = seq.detokenizer.text
         if (token in self.eos_token_ids and not sp.ignore_eos) or token in sp.stop_token_ids:
             seq.output_text = text
             seq.status = SequenceStatus.FINISHED

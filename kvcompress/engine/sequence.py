@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 
 from kvcompress.compress import CompressionParams
+from kvcompress.engine.detokenizer import DetokenizerState
 from kvcompress.engine.sampling import SamplingParams
 
 
@@ -46,6 +47,7 @@ class Sequence:
     slot: int | None = None
     finish_reason: str | None = None
     output_text: str = ""
+    detokenizer: DetokenizerState = field(default_factory=DetokenizerState)
     steps_since_compression: int = 0
     compressions: int = 0
     preemptions: int = 0

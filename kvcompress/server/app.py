@@ -1,0 +1,429 @@
+"""The FastAPI app: OpenAI-compatible endpoints over one ``AsyncLLMEngine``.
+
+Every error leaves as OpenAI's ``{"error": {...}}`` body, including FastAPI's own
+validation errors (400, not 422), unknown routes and unexpected exceptions, so that clients
+built for OpenAI report them properly and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kvcompress.compress import CompressionParams
+from kvcompress.engine import QueueFullError, RequestOutput, SamplingParams, merge_compression
+from kvcompress.engine.async_engine import (
+    AsyncLLMEngine,
+    ChatPrompt,
+    ContextLengthError,
+    EngineShutdownError,
+    Prompt,
+    RequestFailedError,
+    RequestStream,
+)
+from kvcompress.server import protocol as p
+from kvcompress.server.metrics import CONTENT_TYPE, ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DISCONNECT_POLL_SECONDS = 0.5
+
+
+def model_name(model: str | None) -> str:
+    return DEFAULT_MODEL_NAME if model is None else model
+
+
+@dataclass
+class _Call:
+    """What one endpoint call turns into, whether streamed or not."""
+
+    kind: str  # "completion" | "chat"
+    request_id: str
+    created: int
+    stream: RequestStream
+    body: p.CommonRequest
+    stop: tuple[str, ...]
+    arrival: float
+
+
+class _Timing:
+    """First-token and inter-token latency of one request, for the histograms."""
+
+    def __init__(self, metrics: ServerMetrics, arrival: float) -> None:
+        self.metrics = metrics
+        self.arrival = arrival
+        self.first: float | None = None
+        self.tokens = 0
+
+    def observe(self, out: RequestOutput) -> None:
+        now = time.perf_counter()
+        if self.first is None and out.token_ids:
+            self.first = now
+            self.metrics.time_to_first_token.observe(now - self.arrival)
+        self.tokens = len(out.token_ids)
+        if out.finished and self.first is not None:
+            self.metrics.request_latency.observe(now - self.arrival)
+            if self.tokens > 1:
+                self.metrics.inter_token_latency.observe((now - self.first) / (self.tokens - 1))
+
+
+def build_app(engine: AsyncLLMEngine, served_model: str, *, manage_engine: bool = True) -> FastAPI:
+    """The app for ``engine``; with ``manage_engine`` its lifespan starts and stops it."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if manage_engine:
+            engine.start()
+        try:
+            yield
+        finally:
+            if manage_engine:
+                # A step may run for a while on CPU; do not block the event loop meanwhile.
+                await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="kvcompress", version="0.1.0", lifespan=lifespan)
+    metrics = ServerMetrics(engine, served_model)
+    created = p.now()
+    app.state.engine = engine
+    app.state.metrics = metrics
+
+    def reject(err: p.APIError) -> JSONResponse:
+        metrics.rejected.labels(str(err.status)).inc()
+        headers = {"Retry-After": "1"} if err.status == 429 else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    @app.exception_handler(p.APIError)
+    async def api_error(_: Request, err: p.APIError) -> JSONResponse:
+        return reject(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+        return reject(p.validation_error(list(err.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if err.status_code == 404 else None
+        return JSONResponse(
+            p.error_body(str(err.detail), code=code),
+            status_code=err.status_code,
+            headers=getattr(err, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, err: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return JSONResponse(
+            p.error_body(f"internal server error: {err}", type="server_error"), status_code=500
+        )
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not engine.is_running:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return p.model_list(served_model, created, engine.max_model_len)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/v1/completions")
+    async def completions(body: p.CompletionRequest, request: Request) -> Response:
+        arrival = time.perf_counter()
+        check_model(body)
+        return await serve(request, body, body.single_prompt(), "completion", arrival)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
+        arrival = time.perf_counter()
+        check_model(body)
+        prompt = ChatPrompt([m.as_template_message() for m in body.messages])
+        return await serve(request, body, prompt, "chat", arrival)
+
+    def check_model(body: p.CommonRequest) -> None:
+        if body.model is not None and body.model != served_model:
+            raise p.APIError(
+                f"the model {body.model!r} does not exist; this server serves {served_model!r}",
+                404,
+                param="model",
+                code="model_not_found",
+            )
+
+    async def serve(
+        request: Request, body: p.CommonRequest, prompt: Prompt, kind: str, arrival: float
+    ) -> Response:
+        body.check_supported()
+        asked = body.requested_max_tokens()
+        default = COMPLETIONS_DEFAULT_MAX_TOKENS if kind == "completion" else engine.max_model_len
+        sampling = body.sampling_params(default)
+        compression = _compression(engine.default_compression, body.compression_overrides())
+        request_id = p.new_id("cmpl" if kind == "completion" else "chatcmpl")
+        param = "prompt" if kind == "completion" else "messages"
+        stream = await _add(engine, prompt, sampling, compression, request_id, asked, param)
+        call = _Call(kind, request_id, p.now(), stream, body, sampling.stop, arrival)
+        if body.stream:
+            return _EventStream(_sse(call, served_model, metrics), on_close=stream.abort)
+        return await _complete(call, served_model, metrics, request)
+
+    return app
+
+
+def _compression(default: CompressionParams, overrides: dict[str, Any]) -> CompressionParams:
+    try:
+        return merge_compression(default, overrides)
+    except (ValueError, TypeError) as err:
+        param = p.guess_param(str(err), p.COMPRESSION_FIELDS)
+        raise p.APIError(str(err), param=param, code="invalid_compression") from err
+
+
+async def _add(
+    engine: AsyncLLMEngine,
+    prompt: Prompt,
+    sampling: SamplingParams,
+    compression: CompressionParams,
+    request_id: str,
+    asked: int | None,
+    param: str,
+) -> RequestStream:
+    try:
+        return await engine.add_request(
+            prompt, sampling, compression, request_id, fit_max_tokens=asked is None
+        )
+    except QueueFullError as err:
+        raise p.APIError(
+            f"{err}; retry later", 429, type="rate_limit_error", code="queue_full"
+        ) from err
+    except ContextLengthError as err:
+        raise p.APIError(str(err), param="max_tokens", code="context_length_exceeded") from err
+    except EngineShutdownError as err:
+        raise p.APIError(str(err), 503, type="server_error", code="unavailable") from err
+    except ValueError as err:
+        # The engine's messages say which limit a prompt broke; codes let clients tell.
+        message, code = str(err), None
+        if "context" in message:
+            code = "context_length_exceeded"
+        elif "KV" in message:
+            code = "kv_cache_exceeded"
+        raise p.APIError(message, param=param, code=code) from err
+
+
+async def _complete(call: _Call, model: str, metrics: ServerMetrics, request: Request) -> Response:
+    timing = _Timing(metrics, call.arrival)
+
+    async def consume() -> RequestOutput | None:
+        final = None
+        async for out in call.stream:
+            timing.observe(out)
+            final = out
+        return final
+
+    async with call.stream:  # leaving early (disconnect, error) aborts the request
+        task = asyncio.ensure_future(consume())
+        try:
+            final = await _until_disconnected(task, request)
+        except RequestFailedError as err:
+            return JSONResponse(p.error_body(str(err), type="server_error"), status_code=500)
+        except EngineShutdownError as err:
+            body = p.error_body(str(err), type="server_error", code="unavailable")
+            return JSONResponse(body, status_code=503)
+    if final is None:  # the client left; nobody will read this
+        return Response(status_code=499)
+    build = p.completion_body if call.kind == "completion" else p.chat_body
+    body = build(call.request_id, call.created, model, final.text, final.finish_reason)
+    body["usage"] = p.usage(final.prompt_tokens, len(final.token_ids))
+    body["kv"] = p.kv_dict(final.kv)
+    return JSONResponse(body)
+
+
+async def _until_disconnected(task: asyncio.Future, request: Request) -> Any:
+    """The task's result, or None (task cancelled) once the client has disconnected.
+
+    A plain (non-streaming) endpoint is not cancelled when its client goes away, so a
+    request stuck in the queue or generating would hold its KV blocks for nothing.
+    """
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that aborts its request however the response ends.
+
+    The generator's own cleanup does not run if the client leaves before the first chunk
+    is pulled; this does, so the request's KV blocks always return to the pool.
+    """
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def _sse_event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def _sse(call: _Call, model: str, metrics: ServerMetrics) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's format; a disconnect cancels this and aborts."""
+    tracker = p.DeltaTracker(call.stop)
+    timing = _Timing(metrics, call.arrival)
+    rid, created = call.request_id, call.created
+    chunk: Callable[[str, str | None], dict[str, Any]]
+    if call.kind == "completion":
+        object_type = "text_completion"
+
+        def chunk(text: str, finish: str | None) -> dict[str, Any]:
+            return p.completion_chunk(rid, created, model, text, finish)
+    else:
+        object_type = "chat.completion.chunk"
+
+        def chunk(text: str, finish: str | None) -> dict[str, Any]:
+            delta = {"content": text} if text or finish is None else {}
+            return p.chat_chunk(rid, created, model, delta, finish)
+
+    async with call.stream:
+        try:
+            if call.kind == "chat":
+                yield _sse_event(p.chat_chunk(rid, created, model, {"role": "assistant"}))
+            final: RequestOutput | None = None
+            async for out in call.stream:
+                timing.observe(out)
+                delta = tracker.update(out.text, out.finished)
+                if out.finished:
+                    final = out
+                    last = chunk(delta, out.finish_reason)
+                    last["kv"] = p.kv_dict(out.kv)
+                    yield _sse_event(last)
+                    if call.body.include_usage:
+                        usage = p.usage(out.prompt_tokens, len(out.token_ids))
+                        closing = p.usage_chunk(rid, created, model, object_type, usage)
+                        closing["kv"] = last["kv"]
+                        yield _sse_event(closing)
+                elif delta:
+                    yield _sse_event(chunk(delta, None))
+            if final is None:
+                raise RequestFailedError("the request ended without a final output")
+        except (RequestFailedError, EngineShutdownError) as err:
+            yield _sse_event(p.error_body(str(err), type="server_error"))
+        yield "data: [DONE]\n\n"
+
+
+# ---------------------------------------------------------------------- running it
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+SHUTDOWN_GRACE_SECONDS = 5.0
+
+
+def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "info") -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        # A backstop only: GracefulServer ends open requests itself after its grace period.
+        timeout_graceful_shutdown=int(SHUTDOWN_GRACE_SECONDS) + 10,
+        lifespan="on",
+    )
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn that ends open requests cleanly on SIGINT/SIGTERM.
+
+    uvicorn stops accepting connections and waits for open ones; a stream of hundreds of
+    tokens would outlast that and be cut mid-event. After ``grace`` seconds this stops the
+    engine instead, so every open stream ends with an error event and ``[DONE]`` and every
+    waiting non-streaming request gets a 503. A second signal still forces the exit.
+    """
+
+    def __init__(
+        self, config: uvicorn.Config, engine: AsyncLLMEngine, grace: float = SHUTDOWN_GRACE_SECONDS
+    ) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.grace = grace
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        first = not self.should_exit
+        super().handle_exit(sig, frame)
+        if first:
+            timer = threading.Timer(self.grace, self.engine.shutdown)
+            timer.daemon = True
+            timer.start()
+
+
+class BackgroundServer:
+    """uvicorn in a background thread of this process (tests, the load benchmark).
+
+    Signals stay with the main thread; ``stop`` asks uvicorn to exit, which runs the app's
+    lifespan shutdown and so stops the engine thread too.
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.server = uvicorn.Server(uvicorn_config(app, self.host, self.port, "warning"))
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server on {self.url} did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

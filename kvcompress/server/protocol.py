@@ -1,0 +1,434 @@
+"""Request and response shapes of the OpenAI-compatible API, plus KV-Compress extras.
+
+Known fields are typed strictly (a string is not an integer) so that a wrong type is a 400
+naming the field rather than a silent coercion. Unknown fields are ignored, as OpenAI-style
+servers commonly do. Compression fields sit beside the OpenAI ones so that the official
+client can send them with ``extra_body``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
+
+from kvcompress.engine import KVStats, SamplingParams
+
+Float = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+
+COMPRESSION_FIELDS = (
+    "policy",
+    "compression_rate",
+    "max_cache_tokens",
+    "protected_window",
+    "sinks",
+    "metric",
+    "compress_once",
+    "compression_interval",
+)
+
+
+class APIError(Exception):
+    """An error answered as ``{"error": {...}}`` with the given HTTP status."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None, code=None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def guess_param(message: str, candidates: tuple[str, ...]) -> str | None:
+    """The request field an engine error message is about (messages name their field)."""
+    found = [(message.find(name), name) for name in candidates if name in message]
+    return min(found)[1] if found else None
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class CommonRequest(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = None
+    max_tokens: PositiveInt | None = None
+    temperature: Annotated[Float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[Float, Field(gt=0, le=1)] = 1.0
+    n: Annotated[StrictInt, Field(ge=1)] = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
+    user: StrictStr | None = None
+    presence_penalty: Annotated[Float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[Float, Field(ge=-2, le=2)] = 0.0
+    logit_bias: dict[StrictStr, Float] | None = None
+    # Beyond OpenAI, as vLLM-style servers accept them.
+    top_k: Annotated[StrictInt, Field(ge=0)] = 0
+    ignore_eos: StrictBool = False
+    stop_token_ids: list[StrictInt] | None = None
+    # KV-Compress: per-request compression; absent fields take the server's defaults.
+    policy: StrictStr | None = None
+    compression_rate: Float | None = None
+    max_cache_tokens: StrictInt | None = None
+    protected_window: StrictInt | None = None
+    sinks: StrictInt | None = None
+    metric: StrictStr | None = None
+    compress_once: StrictBool | None = None
+    compression_interval: StrictInt | None = None
+
+    def compression_overrides(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in COMPRESSION_FIELDS if getattr(self, k) is not None}
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def check_supported(self) -> None:
+        """Reject OpenAI features this server does not implement, rather than ignore them."""
+        if self.n != 1:
+            raise APIError("only n=1 is supported", param="n")
+        if self.presence_penalty or self.frequency_penalty:
+            param = "presence_penalty" if self.presence_penalty else "frequency_penalty"
+            raise APIError(f"{param} is not supported (use 0)", param=param)
+        if self.logit_bias:
+            raise APIError("logit_bias is not supported", param="logit_bias")
+
+    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
+        try:
+            return SamplingParams(
+                max_tokens=self.requested_max_tokens() or default_max_tokens,
+                temperature=self.temperature,
+                top_k=self.top_k,
+                top_p=self.top_p,
+                seed=self.seed,
+                stop=tuple(stop),
+                stop_token_ids=tuple(self.stop_token_ids or ()),
+                ignore_eos=self.ignore_eos,
+            )
+        except ValueError as err:
+            candidates = ("max_tokens", "temperature", "top_k", "top_p", "stop")
+            raise APIError(str(err), param=guess_param(str(err), candidates)) from err
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(CommonRequest):
+    prompt: StrictStr | list[StrictInt] | list[StrictStr]
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+    best_of: StrictInt | None = None
+    logprobs: StrictInt | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value: Any) -> Any:
+        # One clear message instead of one error per member of the union.
+        ok = isinstance(value, str) or (
+            isinstance(value, list)
+            and (
+                all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+                or all(isinstance(v, str) for v in value)
+            )
+        )
+        if not ok:
+            raise ValueError("prompt must be a string, a list of token ids, or a list of strings")
+        return value
+
+    def single_prompt(self) -> str | list[int]:
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise APIError("only one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+        if not prompt:
+            raise APIError("the prompt is empty", param="prompt")
+        return prompt  # type: ignore[return-value]
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise APIError("echo is not supported", param="echo")
+        if self.suffix:
+            raise APIError("suffix is not supported", param="suffix")
+        if self.best_of not in (None, 1):
+            raise APIError("only best_of=1 is supported", param="best_of")
+        if self.logprobs is not None:
+            raise APIError("logprobs are not supported", param="logprobs")
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[TextPart] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_shape(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in value
+        ):
+            return value
+        raise ValueError(
+            'content must be a string or a list of {"type": "text", "text": ...} parts '
+            "(only text is supported)"
+        )
+
+    def as_template_message(self) -> dict[str, str]:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        # The chat templates of small models know "system" but not OpenAI's newer "developer".
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": content or ""}
+
+
+class ChatCompletionRequest(CommonRequest):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+    tools: list[Any] | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        # max_completion_tokens is OpenAI's newer name; it wins when both are given.
+        return self.max_completion_tokens or self.max_tokens
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.logprobs:
+            raise APIError("logprobs are not supported", param="logprobs")
+        if self.tools:
+            raise APIError("tools are not supported", param="tools")
+        if all(not m.as_template_message()["content"].strip() for m in self.messages):
+            raise APIError("the messages are all empty", param="messages")
+
+
+# ---------------------------------------------------------------------- responses
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def kv_dict(kv: KVStats | None) -> dict[str, Any] | None:
+    return kv.as_dict() if kv is not None else None
+
+
+def model_list(model: str, created: int, max_model_len: int) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": model,
+                "object": "model",
+                "created": created,
+                "owned_by": "kvcompress",
+                "max_model_len": max_model_len,
+            }
+        ],
+    }
+
+
+class DeltaTracker:
+    """Turns the engine's growing full text into safe-to-send deltas.
+
+    A stream cannot take text back, so until a request finishes, text that might still
+    change is held back: a trailing U+FFFD (half of a multi-byte character) and a tail that
+    could be the start of a stop string (the engine trims a stop string once it is whole).
+    """
+
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self.stop = stop
+        self.sent = ""
+
+    def update(self, text: str, finished: bool) -> str:
+        safe = text if finished else self._stable_prefix(text)
+        if not safe.startswith(self.sent):
+            # Cannot happen with a well-behaved engine; keep going with what was sent.
+            return ""
+        delta = safe[len(self.sent) :]
+        self.sent = safe
+        return delta
+
+    def _stable_prefix(self, text: str) -> str:
+        end = len(text)
+        while end and text[end - 1] == "\ufffd":
+            end -= 1
+        hold = 0
+        for stop in self.stop:
+            for k in range(min(len(stop) - 1, end), 0, -1):
+                if text[end - k : end] == stop[:k]:
+                    hold = max(hold, k)
+                    break
+        return text[: end - hold]
+
+
+def completion_body(
+    request_id: str, created: int, model: str, text: str, finish_reason: str | None
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
+
+
+def chat_body(
+    request_id: str, created: int, model: str, text: str, finish_reason: str | None
+) -> dict[str, Any]:
+    message = {"role": "assistant", "content": text, "refusal": None}
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+        ],
+    }
+
+
+def completion_chunk(
+    request_id: str, created: int, model: str, text: str, finish_reason: str | None = None
+) -> dict[str, Any]:
+    # The legacy completions stream reuses the non-streaming object type.
+    return completion_body(request_id, created, model, text, finish_reason)
+
+
+def chat_chunk(
+    request_id: str,
+    created: int,
+    model: str,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+
+
+def usage_chunk(
+    request_id: str, created: int, model: str, object_type: str, usage_: dict[str, int]
+) -> dict[str, Any]:
+    """The extra last chunk of ``stream_options.include_usage``: no choices, only usage."""
+    return {
+        "id": request_id,
+        "object": object_type,
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [],
+        "usage": usage_,
+    }
+
+
+def validation_error(errors: list[dict[str, Any]]) -> APIError:
+    """One OpenAI-style error from pydantic/FastAPI validation errors."""
+    by_field: dict[str, list[str]] = {}
+    got: dict[str, str] = {}
+    for err in errors:
+        kind = err.get("type", "")
+        loc = [x for x in err.get("loc", ()) if not _is_union_tag(x)]
+        if loc and loc[0] == "body":
+            loc = loc[1:]
+        if kind == "json_invalid":
+            detail = (err.get("ctx") or {}).get("error", err.get("msg", ""))
+            at = f" at position {loc[0]}" if loc else ""
+            return APIError(f"the request body is not valid JSON: {detail}{at}")
+        if not loc and kind == "missing":
+            return APIError("the request body is missing; send a JSON object")
+        where = ".".join(str(x) for x in loc)
+        msg = "field required" if kind == "missing" else str(err.get("msg", "invalid value"))
+        msg = msg.removeprefix("Value error, ")
+        if kind.endswith("_type") and "input" in err:
+            got[where] = f", got {type(err['input']).__name__} {_short(err['input'])}"
+        if msg not in by_field.setdefault(where, []):
+            by_field[where].append(msg)
+    parts = []
+    for where, msgs in by_field.items():
+        # A union reports each member that failed: "a valid string", "a valid list".
+        text = msgs[0] + "".join(f" or {m.removeprefix('Input should be ')}" for m in msgs[1:])
+        prefix = f"{where}: " if where else "the request body is invalid: "
+        parts.append(prefix + text + got.get(where, ""))
+    param = next((w for w in by_field if w), None)
+    return APIError("; ".join(parts) or "invalid request", param=param)
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic names the member of a union that failed ('str', 'list[int]', 'TextPart');
+    # those are types, not request fields.
+    if not isinstance(part, str):
+        return False
+    return part in {"str", "int", "float", "bool", "dict", "list"} or (
+        "[" in part or "-" in part or part[:1].isupper()
+    )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -1,0 +1,253 @@
+"""AsyncLLMEngine against a scripted fake engine: threading, errors, aborts (no model)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from kvcompress.compress import CompressionParams
+from kvcompress.engine import EngineStats, QueueFullError, RequestOutput, SamplingParams
+from kvcompress.engine.async_engine import (
+    AsyncLLMEngine,
+    ChatPrompt,
+    ContextLengthError,
+    EngineShutdownError,
+    RequestFailedError,
+)
+
+
+class FakeEngine:
+    """One token ("x") per step for every request; optional failures and a queue bound."""
+
+    def __init__(self, max_model_len: int = 100_000, max_queue: int | None = None) -> None:
+        self.max_model_len = max_model_len
+        self.config = SimpleNamespace(compression=CompressionParams())
+        self.max_queue = max_queue
+        self.requests: dict[str, tuple[list[int], SamplingParams, list[int]]] = {}
+        self.scheduler = SimpleNamespace(running=[])
+        self.fail_next_step = False
+        self.threads: set[str] = set()
+        self.polls = 0
+        self.step_delay = 0.0
+
+    def _touch(self) -> None:
+        self.threads.add(threading.current_thread().name)
+
+    def tokenize(self, prompt: str) -> list[int]:
+        self._touch()
+        return [1] * len(prompt.split())
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        self._touch()
+        return [2] * (3 + sum(len(m["content"].split()) for m in messages))
+
+    def add_request(self, prompt, sampling, compression, request_id) -> str:
+        self._touch()
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        waiting = len(self.requests)
+        if self.max_queue is not None and waiting >= self.max_queue:
+            raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
+        self.requests[request_id] = (list(prompt), sampling, [])
+        self.scheduler.running.append(SimpleNamespace(request_id=request_id))
+        return request_id
+
+    def abort_request(self, request_id: str) -> bool:
+        self._touch()
+        self.scheduler.running = [s for s in self.scheduler.running if s.request_id != request_id]
+        return self.requests.pop(request_id, None) is not None
+
+    def has_unfinished_requests(self) -> bool:
+        self._touch()
+        self.polls += 1
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        self._touch()
+        time.sleep(self.step_delay)
+        if self.fail_next_step:
+            self.fail_next_step = False
+            raise RuntimeError("boom")
+        outputs = []
+        for rid, (prompt, sampling, out) in list(self.requests.items()):
+            out.append(7)
+            done = len(out) >= sampling.max_tokens
+            if done:
+                self.abort_request(rid)
+            outputs.append(
+                RequestOutput(
+                    rid,
+                    "x" * len(out),
+                    list(out),
+                    len(prompt),
+                    done,
+                    "length" if done else None,
+                    None,
+                )
+            )
+        return outputs
+
+    def stats(self) -> EngineStats:
+        n = len(self.requests)
+        return EngineStats(n, 0, 100, 100 - n, 16, 0, 0, 0, 0.0, 0, 0, 0, 0.0, 0.0)
+
+
+@pytest.fixture
+def fake():
+    engine = FakeEngine()
+    async_engine = AsyncLLMEngine(engine)
+    async_engine.start()
+    yield engine, async_engine
+    async_engine.shutdown()
+
+
+async def _collect(async_engine, prompt, max_tokens=3, **kw):
+    return [
+        o async for o in async_engine.generate(prompt, SamplingParams(max_tokens=max_tokens), **kw)
+    ]
+
+
+def test_generate_streams_every_token_from_the_engine_thread(fake):
+    engine, async_engine = fake
+    outs = asyncio.run(_collect(async_engine, "a b c", max_tokens=3))
+    assert outs[-1].finished and outs[-1].finish_reason == "length"
+    assert len(outs[-1].token_ids) == 3
+    assert engine.threads == {"kvcompress-engine"}  # never touched from the caller's thread
+
+
+def test_concurrent_requests_share_steps(fake):
+    _, async_engine = fake
+
+    async def main():
+        return await asyncio.gather(
+            *(_collect(async_engine, "a b", max_tokens=4) for _ in range(20))
+        )
+
+    results = asyncio.run(main())
+    assert all(r[-1].finished and len(r[-1].token_ids) == 4 for r in results)
+    assert async_engine.finished_counts() == {"length": 20}
+
+
+def test_add_errors_reach_the_caller_before_streaming(fake):
+    _, async_engine = fake
+    with pytest.raises(ValueError, match="empty"):
+        asyncio.run(_collect(async_engine, []))
+    with pytest.raises(ContextLengthError, match="context is 100000 tokens"):
+        asyncio.run(_collect(async_engine, "a b c", max_tokens=99_998))
+
+
+def test_fit_max_tokens_clamps_to_the_room_left():
+    async_engine = AsyncLLMEngine(FakeEngine(max_model_len=64))
+    async_engine.start()
+
+    async def main():
+        stream = await async_engine.add_request(
+            ChatPrompt([{"role": "user", "content": "hi"}]),
+            SamplingParams(max_tokens=1000),
+            fit_max_tokens=True,
+        )
+        return [o async for o in stream]
+
+    try:
+        outs = asyncio.run(main())
+    finally:
+        async_engine.shutdown()
+    assert len(outs[-1].token_ids) == 64 - 4  # a 4-token chat prompt leaves 60
+
+
+def test_queue_full_propagates():
+    engine = FakeEngine(max_queue=1)
+    async_engine = AsyncLLMEngine(engine)
+    async_engine.start()
+    engine.step_delay = 0.05
+
+    async def main():
+        first = await async_engine.add_request("a", SamplingParams(max_tokens=50))
+        with pytest.raises(QueueFullError):
+            await async_engine.add_request("b", SamplingParams(max_tokens=5))
+        first.abort()
+
+    try:
+        asyncio.run(main())
+    finally:
+        async_engine.shutdown()
+
+
+def test_cancelled_consumer_aborts_its_request(fake):
+    engine, async_engine = fake
+    engine.step_delay = 0.01
+
+    async def main():
+        async def consume():
+            async for _ in async_engine.generate("a", SamplingParams(max_tokens=10_000)):
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.2)
+        assert engine.requests
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if not engine.requests:
+                break
+            await asyncio.sleep(0.02)
+
+    asyncio.run(main())
+    assert not engine.requests
+    assert async_engine.finished_counts().get("abort") == 1
+
+
+def test_step_failure_fails_running_requests_and_keeps_serving(fake):
+    engine, async_engine = fake
+    engine.step_delay = 0.01
+
+    async def main():
+        stream = await async_engine.add_request("a", SamplingParams(max_tokens=10_000))
+        engine.fail_next_step = True
+        with pytest.raises(RequestFailedError, match="boom"):
+            async for _ in stream:
+                pass
+        assert not engine.requests  # its resources were released
+        return await _collect(async_engine, "b", max_tokens=2)
+
+    outs = asyncio.run(main())
+    assert outs[-1].finished
+    assert async_engine.step_errors == 1
+    assert async_engine.finished_counts()["error"] == 1
+
+
+def test_idle_loop_sleeps(fake):
+    engine, async_engine = fake
+    asyncio.run(_collect(async_engine, "a", max_tokens=2))
+    polls = engine.polls
+    time.sleep(0.5)
+    assert engine.polls - polls <= 2  # no busy spinning while there is nothing to do
+
+
+def test_shutdown_aborts_in_flight_and_refuses_new(fake):
+    engine, async_engine = fake
+    engine.step_delay = 0.01
+
+    async def main():
+        stream = await async_engine.add_request("a", SamplingParams(max_tokens=10_000))
+        await asyncio.to_thread(async_engine.shutdown)
+        with pytest.raises(EngineShutdownError):
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineShutdownError):
+            await async_engine.add_request("b", SamplingParams(max_tokens=2))
+
+    asyncio.run(main())
+    assert not engine.requests
+    assert not async_engine.is_running
+
+
+def test_call_runs_in_the_engine_thread(fake):
+    _, async_engine = fake
+    name = asyncio.run(async_engine.call(lambda e: threading.current_thread().name))
+    assert name == "kvcompress-engine"
