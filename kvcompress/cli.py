@@ -6,26 +6,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from kvcompress.cli_args import parse_rates
 from kvcompress.demo import add_demo_parser
 from kvcompress.generate_cmd import add_generate_parser
 from kvcompress.server.cli import add_load_parser, add_serve_parser
 
 
-def _rates(text: str) -> tuple[float, ...]:
-    try:
-        rates = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"rates must be comma-separated numbers: {text!r}"
-        ) from err
-    if not rates or any(r < 1 for r in rates):
-        raise argparse.ArgumentTypeError(f"rates must be numbers >= 1: {text!r}")
-    return tuple(int(r) if r.is_integer() else r for r in rates)
-
-
 def _bench_memory(args: argparse.Namespace) -> int:
     from kvcompress.bench.memory import MemoryBenchConfig, run_memory_bench
-    from kvcompress.bench.report import print_json, print_table
+    from kvcompress.bench.report import emit_report
 
     cfg = MemoryBenchConfig(
         prompt_len=args.prompt_len,
@@ -36,23 +25,19 @@ def _bench_memory(args: argparse.Namespace) -> int:
         policy=args.policy,
         repeats=args.repeats,
     )
-    rows = run_memory_bench(cfg)
-    if args.json:
-        print_json({"config": vars(cfg) | {"rates": list(cfg.rates)}, "rows": rows})
-    else:
-        print(
-            f"memory benchmark: {cfg.num_seqs} sequences x {cfg.prompt_len} tokens, "
-            f"{cfg.num_layers} layers x {cfg.num_kv_heads} KV heads x head dim {cfg.head_dim}, "
-            f"block size {cfg.block_size}, policy {cfg.policy}, "
-            f"protected window {cfg.protected_window}"
-        )
-        print_table(rows)
+    header = (
+        f"memory benchmark: {cfg.num_seqs} sequences x {cfg.prompt_len} tokens, "
+        f"{cfg.num_layers} layers x {cfg.num_kv_heads} KV heads x head dim {cfg.head_dim}, "
+        f"block size {cfg.block_size}, policy {cfg.policy}, "
+        f"protected window {cfg.protected_window}"
+    )
+    emit_report(cfg, run_memory_bench(cfg), args.json, header)
     return 0
 
 
 def _bench_decode(args: argparse.Namespace) -> int:
     from kvcompress.bench.decode import DecodeBenchConfig, run_decode_bench
-    from kvcompress.bench.report import print_json, print_table
+    from kvcompress.bench.report import emit_report
 
     cfg = DecodeBenchConfig(
         batch_sizes=tuple(int(b) for b in args.batch_sizes),
@@ -63,20 +48,16 @@ def _bench_decode(args: argparse.Namespace) -> int:
         kv_cache_memory=args.kv_cache_memory,
         transformers_baseline=not args.no_transformers,
     )
-    rows = run_decode_bench(cfg)
-    if args.json:
-        print_json({"config": vars(cfg) | {"batch_sizes": list(cfg.batch_sizes)}, "rows": rows})
-    else:
-        print(
-            f"decode benchmark: prompts of {cfg.prompt_len} tokens, {cfg.output_len} generated, "
-            f"compression 'on' = kvcompress at rate {cfg.rate}; tokens/s"
-        )
-        print_table(rows)
+    header = (
+        f"decode benchmark: prompts of {cfg.prompt_len} tokens, {cfg.output_len} generated, "
+        f"compression 'on' = kvcompress at rate {cfg.rate}; tokens/s"
+    )
+    emit_report(cfg, run_decode_bench(cfg), args.json, header)
     return 0
 
 
 def _bench_throughput(args: argparse.Namespace) -> int:
-    from kvcompress.bench.report import print_json, print_table
+    from kvcompress.bench.report import emit_report
     from kvcompress.bench.throughput import (
         ThroughputBenchConfig,
         plot_speedup,
@@ -95,17 +76,13 @@ def _bench_throughput(args: argparse.Namespace) -> int:
         transformers_baseline=not args.no_transformers,
     )
     rows = run_throughput_bench(cfg)
-    plot = plot_speedup(rows, args.plot_dir) if args.plot_dir else None
-    if args.json:
-        print_json({"config": vars(cfg) | {"rates": list(cfg.rates)}, "rows": rows})
-    else:
-        print(
-            f"throughput benchmark: {cfg.num_prompts} prompts x {cfg.input_len} tokens in, "
-            f"{cfg.output_len} out, KV budget {cfg.kv_cache_memory}, policy {cfg.policy}"
-        )
-        print_table(rows)
-        if plot:
-            print(f"plot: {plot}")
+    header = (
+        f"throughput benchmark: {cfg.num_prompts} prompts x {cfg.input_len} tokens in, "
+        f"{cfg.output_len} out, KV budget {cfg.kv_cache_memory}, policy {cfg.policy}"
+    )
+    emit_report(cfg, rows, args.json, header)
+    if args.plot_dir:
+        print(f"plot: {plot_speedup(rows, args.plot_dir)}", file=sys.stderr)
     return 0
 
 
@@ -125,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--prompt-len", type=int, default=2048)
     memory.add_argument("--num-seqs", type=int, default=8)
     memory.add_argument("--block-size", type=int, default=16)
-    memory.add_argument("--rates", type=_rates, default=(1, 2, 4, 8, 16, 32, 64))
+    memory.add_argument("--rates", type=parse_rates, default=(1, 2, 4, 8, 16, 32, 64))
     memory.add_argument("--protected-window", type=int, default=32)
     memory.add_argument("--policy", default="kvcompress")
     memory.add_argument("--repeats", type=int, default=3)
@@ -133,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory.set_defaults(func=_bench_memory)
 
     decode = bench.add_parser("decode", help="tokens/s by batch size, ours vs transformers")
-    decode.add_argument("--batch-sizes", type=_rates, default=(1, 8, 32))
+    decode.add_argument("--batch-sizes", type=parse_rates, default=(1, 8, 32))
     decode.add_argument("--prompt-len", type=int, default=512)
     decode.add_argument("--output-len", type=int, default=64)
     decode.add_argument("--rate", type=float, default=8.0)
@@ -147,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--num-prompts", type=int, default=32)
     tp.add_argument("--input-len", type=int, default=1024)
     tp.add_argument("--output-len", type=int, default=512)
-    tp.add_argument("--rates", type=_rates, default=(1, 8, 64))
+    tp.add_argument("--rates", type=parse_rates, default=(1, 8, 64))
     tp.add_argument("--kv-cache-memory", default="200MiB")
     tp.add_argument("--policy", default="kvcompress")
     tp.add_argument("--protected-window", type=int, default=32)

@@ -7,6 +7,18 @@ import argparse
 from kvcompress.compress import METRICS, POLICIES, CompressionParams
 
 
+def parse_rates(text: str) -> tuple[float, ...]:
+    """``"1,2,4"`` -> ``(1, 2, 4)``: compression rates (numbers >= 1) for ``--rates``."""
+    try:
+        rates = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        message = f"rates must be comma-separated numbers: {text!r}"
+        raise argparse.ArgumentTypeError(message) from err
+    if not rates or any(not r >= 1 for r in rates):
+        raise argparse.ArgumentTypeError(f"rates must be numbers >= 1: {text!r}")
+    return tuple(int(r) if r.is_integer() else r for r in rates)
+
+
 def add_engine_args(parser: argparse.ArgumentParser, kv_cache_memory: str = "1GiB") -> None:
     group = parser.add_argument_group("engine")
     group.add_argument(

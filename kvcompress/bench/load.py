@@ -14,8 +14,10 @@ import asyncio
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
+
+from kvcompress.cli_args import parse_rates
 
 
 @dataclass
@@ -191,25 +193,16 @@ def run_load_bench(cfg: LoadConfig, log=print) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------- command line
-def _rates(text: str) -> tuple[float, ...]:
-    try:
-        rates = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"rates must be comma-separated numbers: {text!r}"
-        ) from err
-    if not rates or any(not r >= 1 for r in rates):
-        raise argparse.ArgumentTypeError(f"rates must be numbers >= 1: {text!r}")
-    return tuple(int(r) if r.is_integer() else r for r in rates)
-
-
 def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, default=8, help="concurrent streaming clients")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load per rate")
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     p.add_argument(
-        "--rates", type=_rates, default=(1, 8), help="server default compression rates (1: off)"
+        "--rates",
+        type=parse_rates,
+        default=(1, 8),
+        help="server default rates (1: off)",
     )
     p.add_argument(
         "--kv-cache-memory",
@@ -228,7 +221,7 @@ def run_load_command(args: argparse.Namespace) -> int:
     import logging
     import sys
 
-    from kvcompress.bench.report import print_json, print_table
+    from kvcompress.bench.report import emit_report
 
     cfg = LoadConfig(
         clients=args.clients,
@@ -245,15 +238,10 @@ def run_load_command(args: argparse.Namespace) -> int:
     )
     logging.basicConfig(level=logging.WARNING)
     rows = run_load_bench(cfg, log=lambda msg: print(msg, file=sys.stderr))
-    if args.json:
-        # JSON has no NaN: a percentile of nothing is null.
-        clean = [{k: None if v != v else v for k, v in row.items()} for row in rows]
-        print_json({"config": asdict(cfg) | {"rates": list(cfg.rates)}, "rows": clean})
-    else:
-        print(
-            f"load benchmark: {cfg.clients} streaming clients x {cfg.duration:g} s per rate, "
-            f"prompts of {cfg.prompt_len} tokens, {cfg.max_tokens} tokens out, "
-            f"KV budget {cfg.kv_cache_memory}, policy {cfg.policy}; latencies in seconds"
-        )
-        print_table(rows)
+    header = (
+        f"load benchmark: {cfg.clients} streaming clients x {cfg.duration:g} s per rate, "
+        f"prompts of {cfg.prompt_len} tokens, {cfg.max_tokens} tokens out, "
+        f"KV budget {cfg.kv_cache_memory}, policy {cfg.policy}; latencies in seconds"
+    )
+    emit_report(cfg, rows, args.json, header)
     return 0

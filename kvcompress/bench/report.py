@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,3 +34,24 @@ def print_table(rows: Sequence[Mapping[str, Any]], file=None) -> None:
 def print_json(document: Any, file=None) -> None:
     json.dump(document, file or sys.stdout, indent=2)
     print(file=file or sys.stdout)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN or infinity
+    if isinstance(value, Mapping):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    return value
+
+
+def emit_report(config: Any, rows: Sequence[Mapping[str, Any]], as_json: bool, header: str) -> None:
+    """One JSON document ``{"config", "rows"}`` on stdout, or a header line and a table."""
+    if as_json:
+        print_json(_jsonable({"config": config, "rows": list(rows)}))
+    else:
+        print(header)
+        print_table(rows)
