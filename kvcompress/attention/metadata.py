@@ -23,6 +23,9 @@ class AttentionMetadata:
     query_lens: list[int]  # tokens per sequence in this step
     metric_power: torch.Tensor  # [B] 1 or 2: exponent for the eviction metric
     collect_metric: list[bool]  # whether each sequence accumulates a metric at all
+    # Decode: blocks to gather per head, the most any (layer, head) of the batch holds;
+    # computed once per step so that layers do not each wait on the device for it.
+    max_blocks: int = 0
 
     @property
     def any_metric(self) -> bool:

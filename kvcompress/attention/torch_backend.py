@@ -73,21 +73,19 @@ class TorchAttentionBackend:
         return o[0].transpose(0, 1)
 
     # ------------------------------------------------------------------ decode
-    def _gather(self, tables: torch.Tensor, lens: torch.Tensor):
+    def _gather(self, tables: torch.Tensor, lens: torch.Tensor, max_blocks: int):
         """K, V ``[B, H, W, D]``, flat slots ``[B, H, W]`` and validity of held KVs."""
         cache = self.cache
         bs = cache.block_size
         B, H = lens.shape
-        width_blocks = max(1, -(-int(lens.max()) // bs))
-        blocks = tables[:, :, :width_blocks].clamp(min=0)
+        blocks = tables[:, :, : max(1, max_blocks)].clamp(min=0)
         index = blocks.reshape(-1)
         d = cache.head_dim
-        rows = index.numel()
+        shape = (index.numel(), bs, d)
         ws = self.workspace
-        shape = (rows, bs, d)
         k = torch.index_select(cache.k_pool, 0, index, out=ws.get("k", shape, cache.k_pool.dtype))
         v = torch.index_select(cache.v_pool, 0, index, out=ws.get("v", shape, cache.v_pool.dtype))
-        W = width_blocks * bs
+        W = blocks.shape[-1] * bs
         offsets = torch.arange(bs, device=lens.device)
         key_slots = (blocks.unsqueeze(-1) * bs + offsets).reshape(B, H, W)
         valid = torch.arange(W, device=lens.device) < lens.unsqueeze(-1)
@@ -96,18 +94,26 @@ class TorchAttentionBackend:
     def _decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         cache = self.cache
         tables, lens = cache.tables_for(layer, meta.seq_slots)
-        k, v, key_slots, valid = self._gather(tables, lens)
+        k, v, key_slots, valid = self._gather(tables, lens, meta.max_blocks)
         B, H, _, D = k.shape
         Hq = q.shape[1]
         group = Hq // H
-        scale = D**-0.5
+        if not meta.any_metric:
+            # No sequence needs the probabilities: one fused kernel does it all.
+            out = F.scaled_dot_product_attention(
+                q.view(B, Hq, 1, D).to(k.dtype),
+                k,
+                v,
+                attn_mask=valid.view(B, H, 1, -1).repeat_interleave(group, dim=1),
+                enable_gqa=True,
+            )
+            return out.reshape(B, Hq, D).to(q.dtype)
         qh = q.view(B, H, group, D)
-        logits = torch.matmul(qh, k.transpose(-1, -2)).float() * scale  # [B, H, G, W]
+        logits = torch.matmul(qh, k.transpose(-1, -2)).float() * D**-0.5  # [B, H, G, W]
         logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         out = torch.matmul(probs.to(v.dtype), v)  # [B, H, G, D]
-        if meta.any_metric:
-            self._accumulate(probs, key_slots, valid, meta)
+        self._accumulate(probs, key_slots, valid, meta)
         return out.reshape(B, Hq, D).to(q.dtype)
 
     def _accumulate(self, probs, key_slots, valid, meta: AttentionMetadata) -> None:

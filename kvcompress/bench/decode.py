@@ -47,7 +47,14 @@ def _transformers_run(model, prompts: list[list[int]], output_len: int) -> tuple
         prefill = time.perf_counter() - start
         start = time.perf_counter()
         # min_new_tokens: exactly output_len tokens, like our ignore_eos.
-        model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False)
+        model.generate(
+            ids,
+            max_new_tokens=output_len,
+            min_new_tokens=output_len,
+            do_sample=False,
+            attention_mask=torch.ones_like(ids),
+            pad_token_id=0,  # unpadded batch: only silences the padding warning
+        )
         total = time.perf_counter() - start
     return total, prefill
 

@@ -74,6 +74,8 @@ def _transformers_baseline(engine: LLMEngine, prompts, cfg: ThroughputBenchConfi
                 max_new_tokens=cfg.output_len,
                 min_new_tokens=cfg.output_len,
                 do_sample=False,
+                attention_mask=torch.ones_like(ids),
+                pad_token_id=0,  # unpadded batches: only silences the padding warning
             )
     seconds = time.perf_counter() - start
     out = len(prompts) * cfg.output_len

@@ -28,6 +28,10 @@ class ModelRunner:
         plan = self.cache.prepare_append(seq_slots, torch.tensor(counts, device=dev))
         input_ids = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long, device=dev)
         collect = [seq.compression.evicts for seq in seqs]
+        max_blocks = 0
+        if not is_prefill:
+            longest = int(self.cache.context_lens[:, seq_slots].max())
+            max_blocks = -(-longest // self.cache.block_size)
         meta = AttentionMetadata(
             is_prefill=is_prefill,
             seq_slots=seq_slots,
@@ -35,6 +39,7 @@ class ModelRunner:
             query_lens=counts,
             metric_power=torch.tensor([seq.compression.power for seq in seqs], device=dev),
             collect_metric=collect,
+            max_blocks=max_blocks,
         )
         hidden = self.model(input_ids, plan.positions, meta)
         last = torch.cumsum(torch.tensor(counts, device=dev), 0) - 1
