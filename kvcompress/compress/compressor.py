@@ -93,13 +93,8 @@ class Compressor:
         if view.width == 0:
             return 0, 0
         scores = self._scores(seq_slots, view, params)
-        ws = self.workspace
-        sorted_scores, order = sort_scores(
-            scores,
-            out=(
-                ws.get("sorted", scores.shape, torch.int32),
-                ws.get("order", scores.shape, torch.long),
-            ),
+        sorted_scores = sort_scores(
+            scores, self.workspace.get("sorted", scores.shape, torch.float32)
         )
         chunks = chunk_scores(sorted_scores, view.lens, cache.block_size)
 
@@ -128,8 +123,8 @@ class Compressor:
             else:
                 per_head = budget.spread_evenly(allowed, LH)
             freed = select_per_head(chunks, view.lens, per_head, cache.block_size)
-        plan = plan_from_chunks(order, view.lens, freed, cache.block_size)
-        blocks = compact(cache, seq_slots, view, plan, ws)
+        plan = plan_from_chunks(scores, sorted_scores, view.lens, freed, cache.block_size)
+        blocks = compact(cache, seq_slots, view, plan, self.workspace)
         return int(plan.evict_counts.sum().item()), blocks
 
     def _scores(

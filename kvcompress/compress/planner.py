@@ -57,30 +57,40 @@ def select_per_head(
 
 
 def plan_from_chunks(
-    order: torch.Tensor, lens: torch.Tensor, chunks_freed: torch.Tensor, block_size: int
+    scores: torch.Tensor,
+    sorted_scores: torch.Tensor,
+    lens: torch.Tensor,
+    chunks_freed: torch.Tensor,
+    block_size: int,
 ) -> EvictionPlan:
-    """Expand chunks freed per head into the KVs to evict (the lowest of each head)."""
+    """Expand chunks freed per head into the KVs to evict: the lowest of each head.
+
+    A head evicting ``n`` KVs evicts every KV scored below its ``n``-th lowest score ``t``,
+    then as many of those scored exactly ``t`` as are still needed, in slot order: the same
+    KVs a stable sort would put first, found without sort indices.
+    """
     num_blocks = torch.div(lens + block_size - 1, block_size, rounding_mode="floor")
     hang = lens - (num_blocks - 1) * block_size
     counts = torch.where(chunks_freed > 0, (chunks_freed - 1) * block_size + hang, 0)
-    rank = torch.arange(order.shape[-1], device=order.device)
-    evict_sorted = rank < counts.unsqueeze(-1)
-    evict_mask = torch.zeros_like(evict_sorted).scatter(-1, order, evict_sorted)
+    threshold = torch.gather(sorted_scores, -1, (counts - 1).clamp(min=0).unsqueeze(-1))
+    threshold = threshold.masked_fill(counts.unsqueeze(-1) == 0, float("-inf"))
+    below = scores < threshold
+    tied = scores == threshold
+    ties_needed = counts - below.sum(dim=-1)
+    evict_mask = below | (tied & (torch.cumsum(tied, dim=-1) <= ties_needed.unsqueeze(-1)))
     return EvictionPlan(evict_mask, counts, chunks_freed)
 
 
-def sort_scores(
-    scores: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ascending and stable, so equal scores keep slot order and plans are deterministic.
+def sort_scores(scores: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's scores in ascending order (values only).
 
-    Scores must be non-negative fp32 (+inf allowed): the bit patterns of such floats order
-    like the floats themselves, and integer sorting is markedly faster on CPU. ``out`` may
-    supply (int32 values, int64 indices) tensors of the scores' shape.
+    On CPU the sort runs in place on ``out`` (if given) with NumPy, whose vectorised sort is
+    about twice as fast as torch's here, and allocates nothing; elsewhere torch sorts.
     """
-    keys = scores.contiguous().view(torch.int32)
+    if scores.device.type != "cpu":
+        return torch.sort(scores, dim=-1).values
     if out is None:
-        bits, order = torch.sort(keys, dim=-1, stable=True)
-    else:
-        bits, order = torch.sort(keys, dim=-1, stable=True, out=out)
-    return bits.view(torch.float32), order
+        out = torch.empty_like(scores)
+    out.copy_(scores)
+    out.numpy().sort(axis=-1)
+    return out
