@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from kvcompress.cli_args import parse_rates
 from kvcompress.demo import add_demo_parser
+from kvcompress.eval.cli import add_eval_parser
 from kvcompress.generate_cmd import add_generate_parser
 from kvcompress.server.cli import add_load_parser, add_serve_parser
 
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(commands)
     add_generate_parser(commands)
     add_serve_parser(commands)
+    add_eval_parser(commands)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
         dest="bench", required=True

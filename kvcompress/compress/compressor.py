@@ -44,6 +44,7 @@ class Compressor:
         self._generator = torch.Generator(device=cache.config.device).manual_seed(seed)
         self.workspace = Workspace(cache.config.device)
 
+    @torch.inference_mode()
     def compress(
         self, seq_slots: Sequence[int], params: Sequence[CompressionParams]
     ) -> CompressionStats:

@@ -15,6 +15,8 @@ from kvcompress.eval.runner import EvalResult, KeptGrid, Row
 
 __all__ = ["plot_kept_heatmap", "plot_scores", "write_plots"]
 
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")
+
 
 def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -67,11 +69,19 @@ def plot_scores(rows: Sequence[Row], path: str | Path, metrics: Sequence[str] = 
     fig = _figure(4.2 * cols, 3.2 * nrows)
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
     labels = {"score": "score", "agreement": "top-1 agreement", "kl": "KL(full || policy)"}
+    policies = list(dict.fromkeys(p for _, _, curves in panels for p in curves))
+    # Policies often tie (all at 100, or all at 0): distinct markers and some
+    # transparency keep the lines underneath visible.
+    styles = {
+        p: {"color": "black", "linestyle": "--", "marker": "o"}
+        if p == "full"
+        else {"color": f"C{i}", "marker": _MARKERS[i % len(_MARKERS)], "alpha": 0.8}
+        for i, p in enumerate(policies)
+    }
     for ax, (metric, task, curves) in zip(axes, panels, strict=False):
         for policy, points in curves.items():
             rates = sorted(points)
-            style = {"color": "black", "linestyle": "--"} if policy == "full" else {}
-            ax.plot(rates, [points[r] for r in rates], marker="o", label=policy, **style)
+            ax.plot(rates, [points[r] for r in rates], label=policy, **styles[policy])
         ax.set_xscale("log", base=2)
         ticks = sorted({r for points in curves.values() for r in points})
         ax.set_xticks(ticks, [f"{r:g}" for r in ticks])
@@ -82,7 +92,8 @@ def plot_scores(rows: Sequence[Row], path: str | Path, metrics: Sequence[str] = 
         ax.grid(True, alpha=0.3)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
-    axes[0].legend(fontsize="small")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside right upper", fontsize="small")
     target = Path(path)
     fig.savefig(target, dpi=120)
     return target

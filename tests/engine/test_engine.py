@@ -143,3 +143,15 @@ def test_suffix_fed_after_prefill_matches_one_prompt_without_compression(engine)
             results += [o for o in engine.step() if o.finished]
     assert results[0].token_ids == results[1].token_ids
     assert results[1].prompt_tokens == len(context) + len(question)
+
+
+def test_compression_after_teacher_forcing_still_works(engine):
+    """Scratch buffers first made under teacher forcing's inference mode are reused by the
+    scheduler's compression outside it."""
+    ids = prose_ids(engine, 200)
+    engine.teacher_force(ids[:150], ids[150:160], CompressionParams(compression_rate=4))
+    engine.add_request(ids, SamplingParams(max_tokens=3), CompressionParams(compression_rate=4))
+    finals = []
+    while engine.has_unfinished_requests():
+        finals += [o for o in engine.step() if o.finished]
+    assert finals[0].kv.compression_rate > 2

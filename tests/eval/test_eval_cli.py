@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kvcompress.eval.cli import add_eval_parser, evaluate, run_eval
+from kvcompress.eval.cli import add_eval_parser, default_chat, evaluate, run_eval
 
 from .test_runner import shared_engine
 
@@ -46,6 +46,14 @@ def test_all_expands_to_every_name():
     assert args.policies[0] == "full" and len(args.policies) == 7
     assert len(args.tasks) == 7
     assert args.rates == (1, 2.5, 8)
+
+
+def test_chat_template_defaults():
+    assert parse().chat is None  # settled per suite once the tokenizer is known
+    assert parse("--no-chat").chat is False
+    assert default_chat("ruler", True) is False
+    assert default_chat("longbench", True) is True
+    assert default_chat("longbench", False) is False
 
 
 def test_longbench_needs_a_data_dir():
@@ -111,7 +119,7 @@ def test_ruler_table_with_context_compressed_first(engine, capsys):
     args = parse(
         "--tasks", "niah_single", "--lengths", "256", "--num-samples", "1",
         "--policies", "full,kvcompress", "--rates", "1,4", "--compress-context-only",
-        "--no-progress",
+        "--chat", "--no-progress",
     )  # fmt: skip
     assert run_eval(args, engine) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -142,6 +150,7 @@ def test_longbench_subset_from_local_file(engine, tmp_path, capsys):
     )  # fmt: skip
     assert run_eval(args, engine) == 0
     document = json.loads(capsys.readouterr().out)
+    assert document["config"]["chat"] is True  # LongBench's default for instruct models
     rows = document["rows"]
     assert [(r["task"], r["policy"], r["rate"]) for r in rows] == [
         ("hotpotqa", p, r) for p in ("full", "kvcompress") for r in (1, 4)
