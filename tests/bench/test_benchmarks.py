@@ -1,0 +1,68 @@
+"""Tiny versions of the benchmark commands: their output structure, not their speed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvcompress.bench.memory import MemoryBenchConfig, run_memory_bench
+from kvcompress.bench.throughput import ThroughputBenchConfig, plot_speedup, run_throughput_bench
+from kvcompress.cli import main
+
+THROUGHPUT_KEYS = {
+    "rate",
+    "total_tokens_per_s",
+    "output_tokens_per_s",
+    "peak_concurrent_seqs",
+    "peak_kv_bytes",
+    "compression_s",
+    "speedup",
+}
+
+
+def test_memory_bench_rows_and_exact_physical_memory():
+    rows = run_memory_bench(
+        MemoryBenchConfig(prompt_len=256, num_seqs=2, num_layers=4, rates=(1, 4, 64), repeats=1)
+    )
+    assert [r["rate"] for r in rows] == [1, 4, 64]
+    for row in rows:
+        assert row["kvs_seen"] == 256 * 2 * 4 * 3
+        assert row["physical_kvs"] == row["kvs_kept"]  # evicting heads keep whole blocks
+        assert row["physical_over_theoretical"] == 1.0
+    assert rows[0]["kvs_kept"] == rows[0]["kvs_seen"]
+    assert rows[2]["kvs_kept"] < rows[1]["kvs_kept"] < rows[0]["kvs_kept"]
+
+
+def test_memory_bench_json_is_one_document(capsys):
+    argv = ["bench", "memory", "--prompt-len", "64", "--num-seqs", "1", "--rates", "1,2"]
+    assert main([*argv, "--repeats", "1", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [row["rate"] for row in doc["rows"]] == [1, 2]
+    assert {"kvs_seen", "kvs_kept", "physical_kvs", "ms_per_million_kvs"} <= set(doc["rows"][0])
+
+
+def test_bad_rates_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "memory", "--rates", "0.5"])
+    assert "rates must be numbers >= 1" in capsys.readouterr().err
+
+
+def test_throughput_bench_rows_speedup_and_plot(tmp_path):
+    cfg = ThroughputBenchConfig(
+        num_prompts=3,
+        input_len=48,
+        output_len=6,
+        rates=(1, 8),
+        kv_cache_memory=str(90 * 6 * 8320),  # about one uncompressed sequence at a time
+        transformers_baseline=True,
+    )
+    rows = run_throughput_bench(cfg)
+    assert [r["rate"] for r in rows] == [1, 8, "transformers"]
+    for row in rows:
+        assert set(row) >= THROUGHPUT_KEYS
+        assert row["total_tokens_per_s"] > 0
+    assert rows[0]["speedup"] == 1.0
+    assert rows[1]["peak_concurrent_seqs"] >= rows[0]["peak_concurrent_seqs"]
+    png = plot_speedup(rows, tmp_path)
+    assert png.exists() and png.stat().st_size > 1000
