@@ -75,7 +75,8 @@ def engine_config_from_args(args: argparse.Namespace, **overrides):
         max_model_len=args.max_model_len,
         device=args.device,
         seed=args.seed,
-        compression=compression_from_args(args),
     )
+    if "compression" not in overrides:  # commands without compression flags pass their own
+        values["compression"] = compression_from_args(args)
     values.update(overrides)
     return EngineConfig(**values)

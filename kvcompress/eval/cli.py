@@ -41,7 +41,7 @@ import sys
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-from kvcompress.cli_args import add_engine_args, parse_rates
+from kvcompress.cli_args import add_engine_args, engine_config_from_args, parse_rates
 from kvcompress.compress import POLICIES
 from kvcompress.eval.longbench import SUBSETS
 from kvcompress.eval.ruler import TASKS
@@ -263,19 +263,11 @@ def _spec(args: argparse.Namespace):
 
 
 def _engine(args: argparse.Namespace):
-    from kvcompress.engine import EngineConfig, LLMEngine
+    from kvcompress.compress import CompressionParams
+    from kvcompress.engine import LLMEngine
 
-    return LLMEngine(
-        EngineConfig(
-            model=args.model,
-            kv_cache_memory=args.kv_cache_memory,
-            block_size=args.block_size,
-            max_num_seqs=args.max_num_seqs,
-            max_model_len=args.max_model_len,
-            device=args.device,
-            seed=args.seed,
-        )
-    )
+    # Every sweep request carries its own compression parameters; the default is unused.
+    return LLMEngine(engine_config_from_args(args, compression=CompressionParams()))
 
 
 def evaluate(args: argparse.Namespace, engine=None) -> EvalResult:
