@@ -6,7 +6,7 @@ import dataclasses
 import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 
@@ -18,17 +18,24 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def print_table(rows: Sequence[Mapping[str, Any]], file=None) -> None:
-    file = file or sys.stdout
+def format_table(
+    rows: Sequence[Mapping[str, Any]],
+    cell: Callable[[str, Any], str] = lambda _key, value: format_value(value),
+) -> str:
+    """Rows as right-aligned columns under a header: the union of the rows' keys, in
+    first-seen order, with "-" where a row lacks a key."""
     if not rows:
-        print("(no rows)", file=file)
-        return
-    keys = list(dict.fromkeys(k for row in rows for k in row))  # union, first-seen order
-    cells = [[format_value(row[k]) if k in row else "-" for k in keys] for row in rows]
+        return "(no rows)"
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [[cell(k, row[k]) if k in row else "-" for k in keys] for row in rows]
     widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    print("  ".join(k.rjust(w) for k, w in zip(keys, widths, strict=True)), file=file)
-    for c in cells:
-        print("  ".join(v.rjust(w) for v, w in zip(c, widths, strict=True)), file=file)
+    lines = ["  ".join(k.rjust(w) for k, w in zip(keys, widths, strict=True))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(c, widths, strict=True)) for c in cells]
+    return "\n".join(lines)
+
+
+def print_table(rows: Sequence[Mapping[str, Any]], file=None) -> None:
+    print(format_table(rows), file=file or sys.stdout)
 
 
 def print_json(document: Any, file=None) -> None:

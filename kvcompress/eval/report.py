@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from kvcompress.bench import report as bench_report
 from kvcompress.eval.runner import EvalResult, Row
 
 __all__ = ["format_cell", "format_table", "print_json", "write_csv"]
@@ -31,15 +32,7 @@ def format_cell(key: str, value: Any) -> str:
 
 def format_table(rows: Sequence[Row]) -> str:
     """Rows as right-aligned columns under a header; columns follow `Row.as_dict`."""
-    if not rows:
-        return "(no rows)"
-    dicts = [row.as_dict() for row in rows]
-    keys = list(dicts[0])
-    cells = [[format_cell(k, d.get(k, "")) for k in keys] for d in dicts]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    lines = ["  ".join(k.rjust(w) for k, w in zip(keys, widths, strict=True))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(c, widths, strict=True)) for c in cells]
-    return "\n".join(lines)
+    return bench_report.format_table([row.as_dict() for row in rows], format_cell)
 
 
 def print_json(result: EvalResult, file: IO[str] | None = None) -> None:
