@@ -8,13 +8,13 @@ __all__ = ["LLM", "CompressionParams", "SamplingParams"]
 if TYPE_CHECKING:
     from kvcompress.compress import CompressionParams
     from kvcompress.engine import SamplingParams
-    from kvcompress.llm import LLM
+    from kvcompress.entrypoints.llm import LLM
 
 
 def __getattr__(name: str):
     # Lazy, so that `import kvcompress.cache` does not pull in transformers.
     if name == "LLM":
-        from kvcompress.llm import LLM
+        from kvcompress.entrypoints.llm import LLM
 
         return LLM
     if name == "SamplingParams":

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvcompress.cli_args import parse_rates
+from kvcompress.entrypoints.cli.args import parse_rates
 
 
 @dataclass
@@ -163,7 +163,7 @@ def run_load_bench(cfg: LoadConfig, log=print) -> list[dict[str, Any]]:
     from kvcompress.compress import CompressionParams
     from kvcompress.engine import EngineConfig, LLMEngine
     from kvcompress.engine.async_engine import AsyncLLMEngine
-    from kvcompress.server.app import BackgroundServer, build_app, model_name
+    from kvcompress.entrypoints.openai.app import BackgroundServer, build_app, model_name
 
     rows = []
     for rate in cfg.rates:

@@ -8,7 +8,7 @@ import pytest
 
 from kvcompress.bench.memory import MemoryBenchConfig, run_memory_bench
 from kvcompress.bench.throughput import ThroughputBenchConfig, plot_speedup, run_throughput_bench
-from kvcompress.cli import main
+from kvcompress.entrypoints.cli.main import main
 
 THROUGHPUT_KEYS = {
     "rate",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvcompress.cli_args import add_compression_args, add_engine_args
+from kvcompress.entrypoints.cli.args import add_compression_args, add_engine_args
 
 
 def add_serve_parser(commands) -> argparse.ArgumentParser:
@@ -29,10 +29,10 @@ def add_serve_parser(commands) -> argparse.ArgumentParser:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from kvcompress.cli_args import engine_config_from_args
+    from kvcompress.entrypoints.cli.args import engine_config_from_args
     from kvcompress.engine import LLMEngine
     from kvcompress.engine.async_engine import AsyncLLMEngine
-    from kvcompress.server.app import GracefulServer, build_app, model_name, uvicorn_config
+    from kvcompress.entrypoints.openai.app import GracefulServer, build_app, model_name, uvicorn_config
 
     engine = AsyncLLMEngine(LLMEngine(engine_config_from_args(args, max_queue=args.max_queue)))
     app = build_app(engine, model_name(args.model))

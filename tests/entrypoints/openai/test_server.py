@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvcompress.bench.load import LoadConfig, drive
 from kvcompress.engine import EngineConfig, LLMEngine
 from kvcompress.engine.async_engine import AsyncLLMEngine
-from kvcompress.server.app import DEFAULT_MODEL_NAME, BackgroundServer, build_app, free_port
+from kvcompress.entrypoints.openai.app import DEFAULT_MODEL_NAME, BackgroundServer, build_app, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -433,7 +433,7 @@ def test_bounded_queue_answers_429():
 
 SERVE_SCRIPT = """
 import argparse, sys
-from kvcompress.server.cli import add_serve_parser
+from kvcompress.entrypoints.cli.serve import add_serve_parser
 parser = argparse.ArgumentParser()
 add_serve_parser(parser.add_subparsers(required=True))
 args = parser.parse_args(sys.argv[1:])

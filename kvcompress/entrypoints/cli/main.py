@@ -6,11 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kvcompress.cli_args import parse_rates
-from kvcompress.demo import add_demo_parser
-from kvcompress.eval.cli import add_eval_parser
-from kvcompress.generate_cmd import add_generate_parser
-from kvcompress.server.cli import add_load_parser, add_serve_parser
+from kvcompress.entrypoints.cli.args import parse_rates
+from kvcompress.entrypoints.cli.demo import add_demo_parser
+from kvcompress.entrypoints.cli.eval import add_eval_parser
+from kvcompress.entrypoints.cli.generate import add_generate_parser
+from kvcompress.entrypoints.cli.serve import add_load_parser, add_serve_parser
 
 
 def _bench_memory(args: argparse.Namespace) -> int:

@@ -35,8 +35,8 @@ from kvcompress.engine.async_engine import (
     RequestFailedError,
     RequestStream,
 )
-from kvcompress.server import protocol as p
-from kvcompress.server.metrics import CONTENT_TYPE, ServerMetrics
+from kvcompress.entrypoints.openai import protocol as p
+from kvcompress.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kvcompress.eval.cli import add_eval_parser, default_chat, evaluate, run_eval
+from kvcompress.entrypoints.cli.eval import add_eval_parser, default_chat, evaluate, run_eval
 
 from .test_runner import shared_engine
 

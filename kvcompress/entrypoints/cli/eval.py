@@ -41,7 +41,7 @@ import sys
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-from kvcompress.cli_args import add_engine_args, engine_config_from_args, parse_rates
+from kvcompress.entrypoints.cli.args import add_engine_args, engine_config_from_args, parse_rates
 from kvcompress.compress import POLICIES
 from kvcompress.eval.longbench import SUBSETS
 from kvcompress.eval.ruler import TASKS

@@ -8,7 +8,7 @@ import time
 
 from kvcompress.bench.report import print_json
 from kvcompress.cache import format_size
-from kvcompress.cli_args import add_compression_args, add_engine_args, engine_config_from_args
+from kvcompress.entrypoints.cli.args import add_compression_args, add_engine_args, engine_config_from_args
 
 
 def add_generate_parser(commands) -> None:

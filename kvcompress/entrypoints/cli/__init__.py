@@ -1,0 +1,1 @@
+"""The ``kvcompress`` command: one module per subcommand."""

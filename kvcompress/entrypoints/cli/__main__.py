@@ -1,0 +1,5 @@
+import sys
+
+from kvcompress.entrypoints.cli.main import main
+
+sys.exit(main())
