@@ -8,7 +8,7 @@ holding the very same weights. Figures are printed as ratios measured in this on
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,7 +16,6 @@ from kvcompress.bench.engine_run import run_all
 from kvcompress.bench.workload import text_prompts
 from kvcompress.compress import CompressionParams
 from kvcompress.engine import EngineConfig, LLMEngine
-from kvcompress.models.hf_reference import to_transformers
 
 
 @dataclass(frozen=True)
@@ -28,6 +27,8 @@ class DecodeBenchConfig:
     model: str | None = None
     kv_cache_memory: str = "2GiB"
     transformers_baseline: bool = True
+    # What 'on' uses besides the rate.
+    compression: CompressionParams = field(default_factory=CompressionParams)
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -68,14 +69,10 @@ def run_decode_bench(cfg: DecodeBenchConfig) -> list[dict]:
             max_num_batched_tokens=max(cfg.batch_sizes) * cfg.prompt_len,
         )
     )
-    hf = (
-        to_transformers(engine.runner.model, engine.model_config)
-        if cfg.transformers_baseline
-        else None
-    )
+    hf = engine.to_transformers() if cfg.transformers_baseline else None
     modes = {
-        "off": CompressionParams(policy="full"),
-        "on": CompressionParams(compression_rate=cfg.rate),
+        "off": cfg.compression.with_overrides(policy="full", compression_rate=None),
+        "on": cfg.compression.with_overrides(compression_rate=cfg.rate),
     }
     rows = []
     for batch in cfg.batch_sizes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import NamedTuple
 
+from kvcompress.compress import CompressionParams
 from kvcompress.engine import LLMEngine, SamplingParams
 
 
@@ -29,7 +30,10 @@ class RunResult(NamedTuple):
 
 
 def run_all(
-    engine: LLMEngine, prompts: list[list[int]], output_len: int, compression=None
+    engine: LLMEngine,
+    prompts: list[list[int]],
+    output_len: int,
+    compression: CompressionParams | None = None,
 ) -> RunResult:
     """Submit every prompt at once (each generating exactly ``output_len`` tokens) and run
     the engine until all finish."""
@@ -40,12 +44,11 @@ def run_all(
     peak_running = peak_blocks = 0
     output_tokens = 0
     start = time.perf_counter()
-    while engine.has_unfinished_requests():
-        outputs = engine.step()
+    for out in engine.run():
         stats = engine.stats()
         peak_running = max(peak_running, stats.running)
-        peak_blocks = max(peak_blocks, stats.blocks_total - stats.blocks_free)
-        output_tokens += sum(len(o.token_ids) for o in outputs if o.finished)
+        peak_blocks = max(peak_blocks, stats.blocks_used)
+        output_tokens += out.num_output_tokens if out.finished else 0
     seconds = time.perf_counter() - start
     after = engine.stats()
     return RunResult(

@@ -1,6 +1,6 @@
 """``kvcompress bench load``: the HTTP server under concurrent streaming clients.
 
-For each compression rate the server runs in this process on a free loopback port with that
+For each compression rate a server runs (started by the caller, on a loopback port) with that
 rate as its default; N asyncio clients stream completions of long prompts back to back for
 T seconds. Compression lets more sequences share the same KV memory, which shows up as
 throughput and latency at a fixed budget. Everything is bounded: clients stop starting
@@ -9,15 +9,14 @@ requests at the deadline and requests still open a grace period later are cancel
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import math
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
-
-from kvcompress.entrypoints.cli.args import parse_rates
+from typing import Any, NamedTuple
 
 
 @dataclass
@@ -27,12 +26,6 @@ class LoadConfig:
     prompt_len: int = 512  # tokens
     max_tokens: int = 64
     rates: tuple[float, ...] = (1, 8)  # 1: compression off
-    kv_cache_memory: str = "48MiB"
-    model: str | None = None
-    block_size: int = 16
-    max_num_seqs: int = 64
-    policy: str = "kvcompress"
-    protected_window: int = 32
     grace: float = 60.0  # after the deadline, open requests get this long to finish
 
     def __post_init__(self) -> None:
@@ -158,90 +151,26 @@ def summarize(rate: float, records: list[RequestRecord], elapsed: float, stats) 
     }
 
 
-def run_load_bench(cfg: LoadConfig, log=print) -> list[dict[str, Any]]:
-    from kvcompress.bench.workload import text_prompts
-    from kvcompress.compress import CompressionParams
-    from kvcompress.engine import EngineConfig, LLMEngine
-    from kvcompress.engine.async_engine import AsyncLLMEngine
-    from kvcompress.entrypoints.openai.app import BackgroundServer, build_app, model_name
+class ServerRun(NamedTuple):
+    """A server started for one rate: its URL and a way to read its engine's statistics."""
 
+    url: str
+    stats: Callable[[], Any]
+    prompts: list[list[int]]
+
+
+def run_load_bench(
+    cfg: LoadConfig,
+    serve: Callable[[float], AbstractContextManager[ServerRun]],
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """For each rate, ``serve(rate)`` starts a server with that rate as its default and
+    the clients run against it; one row per rate."""
     rows = []
     for rate in cfg.rates:
-        compression = CompressionParams(
-            policy=cfg.policy,
-            compression_rate=rate if rate > 1 else None,
-            protected_window=cfg.protected_window,
-        )
-        engine = LLMEngine(
-            EngineConfig(
-                model=cfg.model,
-                kv_cache_memory=cfg.kv_cache_memory,
-                block_size=cfg.block_size,
-                max_num_seqs=cfg.max_num_seqs,
-                compression=compression,
-            )
-        )
-        # Distinct prompts per client request; token ids so the length is exact.
-        prompts = text_prompts(engine.tokenizer, max(4 * cfg.clients, 16), cfg.prompt_len)
-        async_engine = AsyncLLMEngine(engine)
-        with BackgroundServer(build_app(async_engine, model_name(cfg.model))) as server:
+        with serve(rate) as server:
             log(f"rate {rate:g}: {cfg.clients} clients for {cfg.duration:g} s on {server.url}")
-            records, elapsed = asyncio.run(drive(server.url, prompts, cfg))
-            stats = async_engine.stats()
+            records, elapsed = asyncio.run(drive(server.url, server.prompts, cfg))
+            stats = server.stats()
         rows.append(summarize(rate, records, elapsed, stats))
     return rows
-
-
-# ---------------------------------------------------------------------- command line
-def add_load_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--clients", type=int, default=8, help="concurrent streaming clients")
-    p.add_argument("--duration", type=float, default=30.0, help="seconds of load per rate")
-    p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
-    p.add_argument(
-        "--rates",
-        type=parse_rates,
-        default=(1, 8),
-        help="server default rates (1: off)",
-    )
-    p.add_argument(
-        "--kv-cache-memory",
-        default="48MiB",
-        help="KV budget; the default holds one uncompressed default request at a time",
-    )
-    p.add_argument("--model", default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--policy", default="kvcompress")
-    p.add_argument("--protected-window", type=int, default=32)
-    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
-
-
-def run_load_command(args: argparse.Namespace) -> int:
-    import logging
-    import sys
-
-    from kvcompress.bench.report import emit_report
-
-    cfg = LoadConfig(
-        clients=args.clients,
-        duration=args.duration,
-        prompt_len=args.prompt_len,
-        max_tokens=args.max_tokens,
-        rates=args.rates,
-        kv_cache_memory=args.kv_cache_memory,
-        model=args.model,
-        block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs,
-        policy=args.policy,
-        protected_window=args.protected_window,
-    )
-    logging.basicConfig(level=logging.WARNING)
-    rows = run_load_bench(cfg, log=lambda msg: print(msg, file=sys.stderr))
-    header = (
-        f"load benchmark: {cfg.clients} streaming clients x {cfg.duration:g} s per rate, "
-        f"prompts of {cfg.prompt_len} tokens, {cfg.max_tokens} tokens out, "
-        f"KV budget {cfg.kv_cache_memory}, policy {cfg.policy}; latencies in seconds"
-    )
-    emit_report(cfg, rows, args.json, header)
-    return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,10 +26,10 @@ class MemoryBenchConfig:
     num_layers: int = 30
     num_kv_heads: int = 3
     head_dim: int = 64
-    protected_window: int = 32
-    policy: str = "kvcompress"
     repeats: int = 3
     seed: int = 0
+    # What every rate uses besides it.
+    compression: CompressionParams = field(default_factory=CompressionParams)
 
     def __post_init__(self) -> None:
         for name in ("prompt_len", "num_seqs", "repeats", "num_layers", "num_kv_heads", "head_dim"):
@@ -79,9 +79,7 @@ def run_memory_bench(cfg: MemoryBenchConfig) -> list[dict]:
 
     def one_run(rate: float) -> tuple[float, int, int]:
         slots = _fill(cache, cfg, generator)
-        params = CompressionParams(
-            cfg.policy, compression_rate=float(rate), protected_window=cfg.protected_window
-        )
+        params = cfg.compression.with_overrides(compression_rate=float(rate))
         start = time.perf_counter()
         compressor.compress(slots, [params] * len(slots))
         seconds = time.perf_counter() - start

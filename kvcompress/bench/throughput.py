@@ -9,7 +9,7 @@ run also prints the speedup a zero-cost decode would give (the prefill ceiling).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +19,6 @@ from kvcompress.bench.workload import text_prompts
 from kvcompress.cache import parse_size
 from kvcompress.compress import CompressionParams
 from kvcompress.engine import EngineConfig, LLMEngine
-from kvcompress.models.hf_reference import to_transformers
 
 
 @dataclass(frozen=True)
@@ -29,10 +28,10 @@ class ThroughputBenchConfig:
     output_len: int = 512
     rates: tuple[float, ...] = (1, 8, 64)
     kv_cache_memory: str = "200MiB"
-    policy: str = "kvcompress"
-    protected_window: int = 32
     model: str | None = None
     transformers_baseline: bool = True
+    # What every rate uses besides it.
+    compression: CompressionParams = field(default_factory=CompressionParams)
 
     def __post_init__(self) -> None:
         if self.num_prompts < 1 or self.input_len < 1 or self.output_len < 1:
@@ -64,7 +63,7 @@ def _transformers_baseline(engine: LLMEngine, prompts, cfg: ThroughputBenchConfi
     per_seq = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * element
     per_seq *= cfg.input_len + cfg.output_len
     batch = max(1, parse_size(cfg.kv_cache_memory) // per_seq)
-    hf = to_transformers(engine.runner.model, engine.model_config)
+    hf = engine.to_transformers()
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(prompts), batch):
@@ -103,14 +102,12 @@ def run_throughput_bench(cfg: ThroughputBenchConfig) -> list[dict]:
     )
     prompts = text_prompts(engine.tokenizer, cfg.num_prompts, cfg.input_len)
     run_all(engine, prompts[:1], 2, CompressionParams(policy="full"))  # warm-up
-    bytes_per_block = engine.cache.config.bytes_per_block
+    bytes_per_block = engine.capacity().bytes_per_block
     rows = []
     for rate in cfg.rates:
-        params = CompressionParams(
-            policy=cfg.policy if rate > 1 else "full",
-            compression_rate=float(rate) if rate > 1 else None,
-            protected_window=cfg.protected_window,
-        )
+        params = cfg.compression.with_overrides(compression_rate=float(rate))
+        if rate == 1:
+            params = params.with_overrides(policy="full", compression_rate=None)
         rows.append(_row(rate, run_all(engine, prompts, cfg.output_len, params), bytes_per_block))
     base = rows[0] if cfg.rates[0] == 1 else None
     for row in rows:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvcompress.eval.texts import pydoc_text
+from kvcompress.eval import pydoc_text
 
 
 def text_prompts(tokenizer, num_prompts: int, input_len: int) -> list[list[int]]:

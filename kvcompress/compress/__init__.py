@@ -2,10 +2,18 @@
 
 from kvcompress.compress.compressor import CompressionStats, Compressor
 from kvcompress.compress.metrics import METRICS, MetricConfig, decode_metric, window_metric
-from kvcompress.compress.params import POLICIES, CompressionParams, Policy
+from kvcompress.compress.params import (
+    BUDGET_FIELDS,
+    POLICIES,
+    CompressionParams,
+    ParamField,
+    Policy,
+    compression_fields,
+)
 from kvcompress.compress.planner import EvictionPlan
 
 __all__ = [
+    "BUDGET_FIELDS",
     "METRICS",
     "POLICIES",
     "CompressionParams",
@@ -13,7 +21,9 @@ __all__ = [
     "Compressor",
     "EvictionPlan",
     "MetricConfig",
+    "ParamField",
     "Policy",
+    "compression_fields",
     "decode_metric",
     "window_metric",
 ]

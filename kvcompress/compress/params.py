@@ -1,12 +1,23 @@
-"""Per-request compression parameters and the policies that interpret them."""
+"""Per-request compression parameters: the one schema every floor derives its options from.
+
+``CompressionParams`` is the single source of the compression fields: their names, types,
+defaults and help. The command line (``--compression-rate`` ...), the server's request fields,
+and the benchmark and evaluation sweeps are all built from :func:`compression_fields`, so a
+field or default added here appears everywhere at once.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from dataclasses import dataclass
-from typing import Literal, NamedTuple
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, NamedTuple
 
 from kvcompress.compress.metrics import METRICS, metric_power
+from kvcompress.errors import InvalidParameterError
 
 Allocation = Literal["global", "per_head", "pyramid", "none"]
 Score = Literal["metric", "position", "random"]
@@ -38,6 +49,14 @@ POLICIES: dict[str, Policy] = {
 }
 
 
+# The two ways to give a budget; they exclude each other, so giving one clears the other.
+BUDGET_FIELDS = ("compression_rate", "max_cache_tokens")
+
+
+def _doc(help: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
+    return {"help": help, "choices": choices}
+
+
 @dataclass(frozen=True)
 class CompressionParams:
     """What one request asks of compression.
@@ -45,48 +64,108 @@ class CompressionParams:
     Give at most one of ``compression_rate`` (c >= 1: keep about 1/c of the non-protected
     KVs seen) and ``max_cache_tokens`` (average KVs kept per head, shared across all heads and
     layers). With neither, nothing is evicted.
+
+    Like pydantic's ``model_fields_set``, ``fields_set`` records the fields the caller gave,
+    so that ``defaults.with_overrides(params)`` applies only those over the defaults.
     """
 
-    policy: str = "kvcompress"
-    compression_rate: float | None = None
-    max_cache_tokens: int | None = None
-    protected_window: int = 32
-    sinks: int = 0
-    metric: str = "l2-sum"
-    compress_once: bool = False
-    compression_interval: int | None = None  # decode steps between compressions
+    policy: str = field(
+        default="kvcompress",
+        metadata=_doc("eviction policy (full: no eviction)", tuple(POLICIES)),
+    )
+    compression_rate: float | None = field(
+        default=None, metadata=_doc("keep about 1/C of the non-protected KVs (C >= 1)")
+    )
+    max_cache_tokens: int | None = field(
+        default=None, metadata=_doc("average KVs kept per head, shared by all heads and layers")
+    )
+    protected_window: int = field(
+        default=32, metadata=_doc("the most recent tokens, never evicted")
+    )
+    sinks: int = field(default=0, metadata=_doc("the first tokens, never evicted"))
+    metric: str = field(default="l2-sum", metadata=_doc("eviction metric", METRICS))
+    compress_once: bool = field(
+        default=False, metadata=_doc("compress only once, right after the prefill")
+    )
+    compression_interval: int | None = field(
+        default=None, metadata=_doc("decode steps between compressions (none: only on demand)")
+    )
+    # Not a dataclass field: set per instance by __init__ and with_overrides.
+    fields_set: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
+        def bad(name: str, message: str) -> InvalidParameterError:
+            return InvalidParameterError(message, param=name)
+
         if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
+            raise bad(
+                "policy", f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}"
+            )
         if self.compression_rate is not None and self.max_cache_tokens is not None:
-            raise ValueError("give compression_rate or max_cache_tokens, not both")
+            raise bad("compression_rate", "give compression_rate or max_cache_tokens, not both")
         if self.compression_rate is not None and not (
             isinstance(self.compression_rate, int | float)
+            and not isinstance(self.compression_rate, bool)
             and math.isfinite(self.compression_rate)
             and self.compression_rate >= 1
         ):
-            raise ValueError(
-                f"compression_rate must be a number >= 1, got {self.compression_rate!r}"
+            raise bad(
+                "compression_rate",
+                f"compression_rate must be a number >= 1, got {self.compression_rate!r}",
             )
-        if self.max_cache_tokens is not None and (
-            not isinstance(self.max_cache_tokens, int) or self.max_cache_tokens < 1
-        ):
-            raise ValueError(
-                f"max_cache_tokens must be an integer >= 1, got {self.max_cache_tokens!r}"
-            )
+        for name, low in (("max_cache_tokens", 1), ("compression_interval", 1)):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < low):
+                raise bad(name, f"{name} must be an integer >= {low}, got {value!r}")
         for name in ("protected_window", "sinks"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+            if not _is_int(value) or value < 0:
+                raise bad(name, f"{name} must be an integer >= 0, got {value!r}")
         if self.metric not in METRICS:
-            raise ValueError(f"unknown metric {self.metric!r}; choose from {', '.join(METRICS)}")
-        if self.compression_interval is not None and (
-            not isinstance(self.compression_interval, int) or self.compression_interval < 1
-        ):
-            raise ValueError(
-                f"compression_interval must be an integer >= 1, got {self.compression_interval!r}"
+            raise bad("metric", f"unknown metric {self.metric!r}; choose from {', '.join(METRICS)}")
+        if not isinstance(self.compress_once, bool):
+            raise bad(
+                "compress_once", f"compress_once must be a boolean, got {self.compress_once!r}"
             )
+
+    def with_overrides(
+        self, overrides: CompressionParams | Mapping[str, Any] | None = None, /, **fields: Any
+    ) -> CompressionParams:
+        """These parameters with some fields replaced.
+
+        ``overrides`` is another ``CompressionParams`` (only its ``fields_set`` apply) or a
+        mapping; keyword arguments apply last. A field that is not given keeps its value here;
+        a field given as ``None`` is cleared, which only nullable fields allow
+        (``compression_interval=None`` turns off periodic compression). Giving one budget
+        (``compression_rate`` or ``max_cache_tokens``) clears the other.
+        """
+        given: dict[str, Any] = {}
+        if isinstance(overrides, CompressionParams):
+            given.update({name: getattr(overrides, name) for name in overrides.fields_set})
+        elif overrides is not None:
+            given.update(overrides)
+        given.update(fields)
+        specs = {spec.name: spec for spec in compression_fields()}
+        unknown = sorted(set(given) - set(specs))
+        if unknown:
+            raise InvalidParameterError(
+                f"unknown compression field(s): {', '.join(unknown)}; known: {', '.join(specs)}",
+                param=unknown[0],
+            )
+        for name, value in given.items():
+            if value is None and not specs[name].nullable:
+                raise InvalidParameterError(f"{name} cannot be null", param=name)
+        for name, other in (BUDGET_FIELDS, BUDGET_FIELDS[::-1]):
+            if given.get(name) is not None and other not in given:
+                given[other] = None
+        values = {name: getattr(self, name) for name in specs} | given
+        merged = CompressionParams(**values)
+        object.__setattr__(merged, "fields_set", self.fields_set | given.keys())
+        return merged
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field by name (for JSON reports)."""
+        return {spec.name: getattr(self, spec.name) for spec in compression_fields()}
 
     @property
     def policy_spec(self) -> Policy:
@@ -108,3 +187,47 @@ class CompressionParams:
         if self.max_cache_tokens is not None:
             return True
         return self.compression_rate is not None and self.compression_rate > 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _record_fields_set(init):
+    names = [f.name for f in dataclasses.fields(CompressionParams)]
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        object.__setattr__(self, "fields_set", frozenset(names[: len(args)]) | kwargs.keys())
+
+    return __init__
+
+
+CompressionParams.__init__ = _record_fields_set(CompressionParams.__init__)  # type: ignore[method-assign]
+
+
+class ParamField(NamedTuple):
+    """One compression field as the outer floors see it."""
+
+    name: str
+    type: type  # int, float, str or bool
+    default: Any
+    nullable: bool
+    help: str
+    choices: tuple[str, ...] | None
+
+
+@functools.cache
+def compression_fields() -> tuple[ParamField, ...]:
+    """The fields of :class:`CompressionParams`, in order, with their types and help."""
+    hints = typing.get_type_hints(CompressionParams)
+    out = []
+    for f in dataclasses.fields(CompressionParams):
+        args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+        base = args[0] if args else hints[f.name]
+        nullable = type(None) in typing.get_args(hints[f.name])
+        out.append(
+            ParamField(f.name, base, f.default, nullable, f.metadata["help"], f.metadata["choices"])
+        )
+    return tuple(out)

@@ -1,17 +1,31 @@
 """The inference engine: scheduler, model runner, sampler and sequences on the paged cache."""
 
+from kvcompress.engine.async_engine import AsyncLLMEngine, ChatPrompt, Prompt
 from kvcompress.engine.config import EngineConfig
-from kvcompress.engine.engine import EngineStats, LLMEngine, QueueFullError, merge_compression
+from kvcompress.engine.engine import LLMEngine
+from kvcompress.engine.outputs import (
+    Capacity,
+    EngineStats,
+    KVStats,
+    RequestOutput,
+    RequestState,
+    TeacherForceResult,
+)
+from kvcompress.engine.request_stream import RequestStream
 from kvcompress.engine.sampling import SamplingParams
-from kvcompress.engine.sequence import KVStats, RequestOutput
 
 __all__ = [
+    "AsyncLLMEngine",
+    "Capacity",
+    "ChatPrompt",
     "EngineConfig",
     "EngineStats",
     "KVStats",
     "LLMEngine",
-    "QueueFullError",
+    "Prompt",
     "RequestOutput",
+    "RequestState",
+    "RequestStream",
     "SamplingParams",
-    "merge_compression",
+    "TeacherForceResult",
 ]

@@ -11,7 +11,6 @@ variable when there is nothing to do.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -23,9 +22,11 @@ from typing import Any, NamedTuple, TypeVar
 
 from kvcompress.compress import CompressionParams
 from kvcompress.engine.config import EngineConfig
-from kvcompress.engine.engine import EngineStats, LLMEngine
+from kvcompress.engine.engine import LLMEngine
+from kvcompress.engine.outputs import EngineStats, RequestOutput
+from kvcompress.engine.request_stream import OutputChannel, RequestStream, call_soon
 from kvcompress.engine.sampling import SamplingParams
-from kvcompress.engine.sequence import RequestOutput
+from kvcompress.errors import ContextLengthError, EngineShutdownError, RequestFailedError
 
 logger = logging.getLogger(__name__)
 
@@ -42,87 +43,10 @@ class ChatPrompt:
 Prompt = str | list[int] | ChatPrompt
 
 
-class ContextLengthError(ValueError):
-    """Prompt plus ``max_tokens`` do not fit in the model's context."""
-
-
-class RequestFailedError(RuntimeError):
-    """The engine failed while running this request; the request was dropped."""
-
-
-class EngineShutdownError(RuntimeError):
-    """The engine stopped (or was never started) before the request could finish."""
-
-
 class ThroughputSample(NamedTuple):
     time: float
     prompt_tokens: int
     generation_tokens: int
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any) -> None:
-    """Schedule ``fn`` on a caller's event loop from the engine thread."""
-    # A closed loop means the caller is gone and nobody is waiting for the answer.
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(fn, *args)
-
-
-class _Stream:
-    """The caller's side of one request: outputs or an exception, in order."""
-
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
-        self.request_id = request_id
-        self.loop = loop
-        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-
-    def put(self, item: RequestOutput | BaseException) -> None:
-        """Called from the engine thread."""
-        _call_soon(self.loop, self.queue.put_nowait, item)
-
-
-class RequestStream:
-    """An accepted request's outputs, as an async iterator.
-
-    Leaving ``async with`` (or calling ``abort``) before the final output aborts the request,
-    which frees its KV blocks; this is what a client disconnect turns into.
-    """
-
-    def __init__(self, engine: AsyncLLMEngine, stream: _Stream, prompt_tokens: int) -> None:
-        self._engine = engine
-        self._stream = stream
-        self.request_id = stream.request_id
-        self.prompt_tokens = prompt_tokens
-        self.finished = False
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        queue = self._stream.queue
-        item = await queue.get()
-        # Each output carries the full text so far, so a slow consumer may skip to the newest
-        # one instead of working through a backlog token by token.
-        while not isinstance(item, BaseException) and not item.finished and not queue.empty():
-            item = queue.get_nowait()
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        if item.finished:
-            self.finished = True
-        return item
-
-    def abort(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self._engine.abort(self.request_id)
-
-    async def __aenter__(self) -> RequestStream:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.abort()
 
 
 class AsyncLLMEngine:
@@ -138,12 +62,11 @@ class AsyncLLMEngine:
             engine = LLMEngine(engine)
         self.engine = engine
         self.max_model_len = engine.max_model_len
-        self.default_compression: CompressionParams = engine.config.compression
         self.throughput_window = throughput_window
         self._cond = threading.Condition()
         self._commands: list[Callable[[], None]] = []  # guarded by _cond
         self._stop = False  # guarded by _cond
-        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._streams: dict[str, OutputChannel] = {}  # engine thread only
         self._thread: threading.Thread | None = None
         self._stats: EngineStats = engine.stats()  # replaced whole, so readers need no lock
         self._finished: Counter[str] = Counter()  # guarded by _counts_lock
@@ -191,7 +114,7 @@ class AsyncLLMEngine:
         """
         loop = asyncio.get_running_loop()
         request_id = request_id or uuid.uuid4().hex
-        stream = _Stream(request_id, loop)
+        stream = OutputChannel(request_id, loop)
         accepted: asyncio.Future[int] = loop.create_future()
 
         def resolve(result: int | BaseException) -> None:
@@ -203,7 +126,7 @@ class AsyncLLMEngine:
                 else:
                     accepted.set_result(result)
 
-            _call_soon(loop, apply)
+            call_soon(loop, apply)
 
         def add() -> None:
             try:
@@ -263,7 +186,7 @@ class AsyncLLMEngine:
                 else:
                     done.set_exception(result)
 
-            _call_soon(loop, apply)
+            call_soon(loop, apply)
 
         if not self._submit(run):
             raise EngineShutdownError("the engine is not running")
@@ -316,19 +239,14 @@ class AsyncLLMEngine:
         prompt: Prompt,
         sampling: SamplingParams,
         compression: CompressionParams | Mapping[str, Any] | None,
-        stream: _Stream,
+        stream: OutputChannel,
         fit_max_tokens: bool,
     ) -> int:
         if self._stop:
             raise EngineShutdownError("the engine is shutting down")
         engine = self.engine
         if isinstance(prompt, ChatPrompt):
-            try:
-                token_ids = engine.apply_chat_template(prompt.messages)
-            except ValueError:
-                raise
-            except Exception as err:  # jinja errors: the messages do not fit the template
-                raise ValueError(f"the chat template rejected the messages: {err}") from err
+            token_ids = engine.apply_chat_template(prompt.messages)
         elif isinstance(prompt, str):
             token_ids = engine.tokenize(prompt)
         else:
@@ -340,7 +258,8 @@ class AsyncLLMEngine:
                     f"the model's context is {self.max_model_len} tokens, but "
                     f"{len(token_ids) + sampling.max_tokens} were requested "
                     f"({len(token_ids)} in the prompt, {sampling.max_tokens} in max_tokens); "
-                    f"lower max_tokens to at most {room} or shorten the prompt"
+                    f"lower max_tokens to at most {room} or shorten the prompt",
+                    param="max_tokens",
                 )
             sampling = replace(sampling, max_tokens=room)
         # The engine itself rejects prompts that leave no room or exceed the KV budget.
@@ -360,7 +279,7 @@ class AsyncLLMEngine:
         if error is not None:
             stream.put(error)
         else:
-            stream.put(RequestOutput(request_id, "", [], 0, True, "abort", None))
+            stream.put(RequestOutput(request_id, "", [], 0, 0, True, "abort", None, []))
 
     def _count(self, reason: str) -> None:
         with self._counts_lock:
@@ -426,8 +345,8 @@ class AsyncLLMEngine:
         # LLMEngine does not say which requests a failed step touched; the running batch is
         # the best guess. When nothing is running the failure is in admission, so everything
         # still queued is failed rather than retried forever.
-        scheduler = getattr(self.engine, "scheduler", None)
-        running = [s.request_id for s in getattr(scheduler, "running", [])]
+        in_flight = self.engine.requests_in_flight()
+        running = [r.request_id for r in in_flight if r.status == "running"]
         victims = running if any(r in self._streams for r in running) else list(self._streams)
         for request_id in victims:
             self._abort(request_id, "error", RequestFailedError(f"the engine failed: {err}"))

@@ -1,13 +1,19 @@
-"""The engine: requests in, one batched model step at a time, outputs out."""
+"""The engine: requests in, one batched model step at a time, outputs out.
+
+Its public API is what every floor above uses (the offline ``LLM``, the async engine and
+server, the CLI, benchmarks and evaluation): ``add_request`` / ``abort_request``, ``step`` or
+``run`` (the one drive loop), ``teacher_force``, ``capacity``, ``stats``,
+``requests_in_flight``, ``tokenize`` / ``apply_chat_template`` and ``to_transformers``.
+Errors are the typed ones of :mod:`kvcompress.errors`.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Mapping
-from typing import Any, NamedTuple
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -17,53 +23,26 @@ from kvcompress.compress import CompressionParams, Compressor
 from kvcompress.engine.config import EngineConfig
 from kvcompress.engine.detokenizer import detokenize_step
 from kvcompress.engine.model_runner import ModelRunner
+from kvcompress.engine.outputs import (
+    Capacity,
+    EngineStats,
+    KVStats,
+    RequestOutput,
+    RequestState,
+    TeacherForceResult,
+)
 from kvcompress.engine.sampling import Sampler, SamplingParams
 from kvcompress.engine.scheduler import Scheduler
-from kvcompress.engine.sequence import KVStats, RequestOutput, Sequence, SequenceStatus
+from kvcompress.engine.sequence import Sequence, SequenceStatus
+from kvcompress.errors import (
+    ContextLengthError,
+    InvalidParameterError,
+    KVBudgetError,
+    QueueFullError,
+)
 from kvcompress.models import load_model
 
 logger = logging.getLogger(__name__)
-
-
-class EngineStats(NamedTuple):
-    running: int
-    waiting: int
-    blocks_total: int
-    blocks_free: int
-    block_size: int
-    kvs_kept: int  # KVs held by running sequences
-    kvs_seen: int  # KVs written by running sequences
-    compression_passes: int
-    compression_seconds: float
-    preemptions: int
-    prompt_tokens: int  # processed since start
-    generation_tokens: int  # generated since start
-    prefill_seconds: float  # model time in prefill steps since start
-    decode_seconds: float  # model time in decode steps since start
-
-
-def merge_compression(
-    default: CompressionParams, override: CompressionParams | Mapping[str, Any] | None
-) -> CompressionParams:
-    """A request's compression parameters: its own fields over the engine's defaults.
-
-    Giving one budget (``compression_rate`` or ``max_cache_tokens``) replaces the default's
-    budget of the other kind, since the two are exclusive.
-    """
-    if override is None:
-        return default
-    if isinstance(override, CompressionParams):
-        return override
-    fields = {f.name for f in dataclasses.fields(CompressionParams)}
-    unknown = set(override) - fields
-    if unknown:
-        raise ValueError(f"unknown compression fields: {', '.join(sorted(unknown))}")
-    given = {k: v for k, v in override.items() if v is not None}
-    if "compression_rate" in given:
-        given.setdefault("max_cache_tokens", None)
-    if "max_cache_tokens" in given:
-        given.setdefault("compression_rate", None)
-    return dataclasses.replace(default, **given)
 
 
 class LLMEngine:
@@ -101,7 +80,6 @@ class LLMEngine:
         self.generation_tokens = 0
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
-        self.last_teacher_force_stats: KVStats | None = None
 
     # ------------------------------------------------------------------ requests
     def tokenize(self, prompt: str) -> list[int]:
@@ -109,11 +87,25 @@ class LLMEngine:
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model's tokenizer has no chat template")
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+            raise InvalidParameterError(
+                "this model's tokenizer has no chat template", param="messages"
+            )
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as err:  # jinja errors: the messages do not fit the template
+            raise InvalidParameterError(
+                f"the chat template rejected the messages: {err}", param="messages"
+            ) from err
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def resolve_compression(
+        self, compression: CompressionParams | Mapping[str, Any] | None
+    ) -> CompressionParams:
+        """A request's parameters: the engine's defaults with the request's fields over them
+        (see :meth:`CompressionParams.with_overrides`)."""
+        return self.config.compression.with_overrides(compression)
 
     def add_request(
         self,
@@ -123,42 +115,52 @@ class LLMEngine:
         request_id: str | None = None,
         suffix: str | list[int] | None = None,
     ) -> str:
-        """Queue a request; returns its id. Raises ValueError for a request that can never run.
+        """Queue a request; returns its id.
 
+        Raises a :class:`~kvcompress.errors.RequestError` for a request that can never run
+        and :class:`~kvcompress.errors.QueueFullError` when the queue is full.
         ``suffix`` (optional) is fed after the prompt has been prefilled and compressed, one
         token per decode step, before generation starts: for example a question added to a
         context that was compressed without seeing it.
         """
         sampling = sampling or SamplingParams()
-        params = merge_compression(self.config.compression, compression)
+        params = self.resolve_compression(compression)
         token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not token_ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidParameterError("the prompt is empty", param="prompt")
         if isinstance(suffix, str):
             suffix_ids = list(self.tokenizer(suffix, add_special_tokens=False)["input_ids"])
         else:
             suffix_ids = list(suffix or [])
         vocab = self.model_config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids + suffix_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(token_ids) + len(suffix_ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(token_ids) + len(suffix_ids)} tokens; the model's context is "
-                f"{self.max_model_len} tokens, including at least one generated token"
+            raise InvalidParameterError(
+                f"prompt token ids must be integers in [0, {vocab})", param="prompt"
             )
-        need = self.scheduler.prompt_blocks(len(token_ids))
-        if need > self.cache.num_blocks:
-            raise ValueError(
+        total = len(token_ids) + len(suffix_ids)
+        if total >= self.max_model_len:
+            raise ContextLengthError(
+                f"the prompt has {total} tokens; the model's context is "
+                f"{self.max_model_len} tokens, including at least one generated token",
+                param="prompt",
+            )
+        capacity = self.capacity()
+        need = capacity.blocks_for(len(token_ids))
+        if need > capacity.num_blocks:
+            raise KVBudgetError(
                 f"the prompt needs {need} KV blocks ({len(token_ids)} tokens x "
-                f"{self.scheduler.heads} heads) but the whole KV cache holds "
-                f"{self.cache.num_blocks}; raise kv_cache_memory"
+                f"{capacity.heads} heads) but the whole KV cache holds "
+                f"{capacity.num_blocks}; raise kv_cache_memory",
+                param="prompt",
             )
         max_queue = self.config.max_queue
         if max_queue is not None and len(self.scheduler.waiting) >= max_queue:
             raise QueueFullError(f"the queue is full ({max_queue} requests waiting)")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise InvalidParameterError(
+                f"request id {request_id!r} is already in use", param="request_id"
+            )
         seq = Sequence(request_id, token_ids, sampling, params, pending_suffix=suffix_ids)
         self._requests[request_id] = seq
         self.scheduler.add(seq)
@@ -176,6 +178,24 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
 
+    def requests_in_flight(self) -> list[RequestState]:
+        """Every request not yet finished: running ones first, then the queue in order."""
+        running = [(s, "running") for s in self.scheduler.running]
+        waiting = [(s, "waiting") for s in self.scheduler.waiting]
+        return [
+            RequestState(s.request_id, status, len(s.prompt_token_ids), len(s.output_token_ids))
+            for s, status in running + waiting
+        ]
+
+    def run(self) -> Iterator[RequestOutput]:
+        """Step until no request is left, yielding every output as it comes.
+
+        This is the one drive loop. Requests may be added (or aborted) while iterating:
+        they join the next step.
+        """
+        while self.has_unfinished_requests():
+            yield from self.step()
+
     # ------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
         """Run one batched step; returns outputs of the requests it advanced."""
@@ -185,7 +205,7 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         for seq in batch.exhausted:
             self._finish(seq, "length")
-            outputs.append(self._output(seq))
+            outputs.append(self._output(seq, []))
         if not batch.seqs:
             return outputs
         start = time.perf_counter()
@@ -200,7 +220,7 @@ class LLMEngine:
             logger.exception("engine step failed; ending its %d requests", len(batch.seqs))
             for seq in batch.seqs:
                 self._finish(seq, "error")
-                outputs.append(self._output(seq))
+                outputs.append(self._output(seq, []))
             return outputs
         elapsed = time.perf_counter() - start
         if batch.is_prefill:
@@ -208,20 +228,23 @@ class LLMEngine:
             self.prefill_seconds += elapsed
         else:
             self.decode_seconds += elapsed
+        new_tokens: list[list[int]] = []
         for seq, token in zip(batch.seqs, tokens, strict=True):
             if seq.pending_suffix:  # still feeding the suffix: its next token, not a sample
                 seq.prompt_token_ids.append(seq.pending_suffix.pop(0))
+                new_tokens.append([])
                 continue
             seq.output_token_ids.append(token)
+            new_tokens.append([token])
             self.generation_tokens += 1
             self._check_stop(seq, token)
         self.scheduler.after_step(batch)
-        for seq in batch.seqs:
+        for seq, new in zip(batch.seqs, new_tokens, strict=True):
             if seq.finished and seq.slot is not None:
                 seq.kv_stats = self.kv_stats(seq)
                 self.scheduler.finish(seq)
                 self._requests.pop(seq.request_id, None)
-            outputs.append(self._output(seq))
+            outputs.append(self._output(seq, new))
         return outputs
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
@@ -250,15 +273,18 @@ class LLMEngine:
         self.scheduler.finish(seq)
         self._requests.pop(seq.request_id, None)
 
-    def _output(self, seq: Sequence) -> RequestOutput:
+    def _output(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
         return RequestOutput(
-            seq.request_id,
-            seq.output_text,
-            list(seq.output_token_ids),
-            len(seq.prompt_token_ids),
-            seq.finished,
-            seq.finish_reason,
-            seq.kv_stats,
+            request_id=seq.request_id,
+            text=seq.output_text,
+            new_token_ids=new_tokens,
+            num_output_tokens=len(seq.output_token_ids),
+            prompt_tokens=len(seq.prompt_token_ids),
+            finished=seq.finished,
+            finish_reason=seq.finish_reason,
+            kv=seq.kv_stats,
+            # The whole list is copied once, when the request ends, not every step.
+            token_ids=list(seq.output_token_ids) if seq.finished else [],
         )
 
     # ------------------------------------------------------------------ statistics
@@ -266,8 +292,8 @@ class LLMEngine:
         cache = self.cache
         kept_grid = cache.kept_per_layer_head(seq.slot)
         kept = int(kept_grid.sum())
-        seen = int(cache.seq_lens[seq.slot]) * self.scheduler.heads
-        blocks = cache.blocks_held(seq.slot)
+        seen = int(cache.seq_lens[seq.slot]) * self.capacity().heads
+        blocks = cache.blocks_held(seq.slot)  # from the block tables: a leak shows here
         physical = blocks * cache.block_size
         return KVStats(
             kvs_seen=seen,
@@ -281,16 +307,30 @@ class LLMEngine:
             compressions=seq.compressions,
         )
 
+    def capacity(self) -> Capacity:
+        cache = self.cache
+        return Capacity(
+            num_blocks=cache.num_blocks,
+            free_blocks=cache.num_free_blocks,
+            block_size=cache.block_size,
+            bytes_per_kv=cache.config.bytes_per_kv,
+            heads=cache.num_layers * cache.num_kv_heads,
+            max_num_seqs=self.config.max_num_seqs,
+            max_model_len=self.max_model_len,
+        )
+
     def stats(self) -> EngineStats:
         s = self.scheduler
         slots = [seq.slot for seq in s.running]
         kept = int(self.cache.context_lens[:, slots].sum()) if slots else 0
-        seen = int(self.cache.seq_lens[slots].sum()) * s.heads if slots else 0
+        seen = int(self.cache.seq_lens[slots].sum()) * self.capacity().heads if slots else 0
+        held = sum(self.cache.blocks_held(slot) for slot in slots)
         return EngineStats(
             running=len(s.running),
             waiting=len(s.waiting),
             blocks_total=self.cache.num_blocks,
             blocks_free=self.cache.num_free_blocks,
+            blocks_held=held,
             block_size=self.cache.block_size,
             kvs_kept=kept,
             kvs_seen=seen,
@@ -303,14 +343,15 @@ class LLMEngine:
             decode_seconds=self.decode_seconds,
         )
 
+    # ------------------------------------------------------------------ analysis
     @torch.inference_mode()
     def teacher_force(
         self,
         prefix: list[int],
         continuation: list[int],
         compression: CompressionParams | Mapping[str, Any] | None = None,
-    ) -> torch.Tensor:
-        """Logits ``[len(continuation), vocab]`` predicting each continuation token.
+    ) -> TeacherForceResult:
+        """Logits predicting each continuation token, and the KV statistics at the end.
 
         The prefix is prefilled and compressed once with the given parameters; then the true
         continuation is fed one token per decode step, exactly as generation would, so the
@@ -320,12 +361,16 @@ class LLMEngine:
         if self.has_unfinished_requests():
             raise RuntimeError("teacher_force needs an idle engine")
         if not prefix or not continuation:
-            raise ValueError("prefix and continuation must both be non-empty")
-        params = merge_compression(self.config.compression, compression)
+            raise InvalidParameterError(
+                "prefix and continuation must both be non-empty", param="prompt"
+            )
+        params = self.resolve_compression(compression)
         seq = Sequence("teacher-force", list(prefix), SamplingParams(), params)
         total = len(prefix) + len(continuation) - 1
         if total > self.max_model_len:
-            raise ValueError(f"{total} tokens exceed the model context of {self.max_model_len}")
+            raise ContextLengthError(
+                f"{total} tokens exceed the model context of {self.max_model_len}", param="prompt"
+            )
         seq.slot = self.cache.allocate_seq()
         try:
             rows = [self.runner.run([seq], is_prefill=True)[0]]
@@ -334,18 +379,14 @@ class LLMEngine:
             for token in continuation[:-1]:
                 seq.output_token_ids.append(token)
                 rows.append(self.runner.run([seq], is_prefill=False)[0])
-            seq.kv_stats = self.kv_stats(seq)
+            kv = self.kv_stats(seq)
         finally:
             self.cache.free_seq(seq.slot)
-        self.last_teacher_force_stats = seq.kv_stats
-        return torch.stack(rows).float()
+        return TeacherForceResult(torch.stack(rows).float(), kv)
 
-    def run_until_done(self, on_output=None) -> None:
-        while self.has_unfinished_requests():
-            for out in self.step():
-                if on_output is not None:
-                    on_output(out)
+    def to_transformers(self) -> torch.nn.Module:
+        """transformers' own implementation of this model, holding the same weights (for
+        parity checks and speed baselines)."""
+        from kvcompress.models.hf_reference import to_transformers
 
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at ``max_queue``; try again later."""
+        return to_transformers(self.runner.model, self.model_config)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvcompress.errors import InvalidParameterError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -25,15 +27,23 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise InvalidParameterError(
+                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", param="max_tokens"
+            )
         if not (isinstance(self.temperature, int | float) and 0 <= self.temperature <= 2):
-            raise ValueError(f"temperature must be in [0, 2], got {self.temperature!r}")
+            raise InvalidParameterError(
+                f"temperature must be in [0, 2], got {self.temperature!r}", param="temperature"
+            )
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+            raise InvalidParameterError(
+                f"top_k must be an integer >= 0, got {self.top_k!r}", param="top_k"
+            )
         if not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise InvalidParameterError(
+                f"top_p must be in (0, 1], got {self.top_p!r}", param="top_p"
+            )
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty strings")
+            raise InvalidParameterError("stop strings must be non-empty strings", param="stop")
 
     @property
     def greedy(self) -> bool:

@@ -1,16 +1,16 @@
-"""One request's state inside the engine, and what the engine reports about it."""
+"""One request's state inside the engine."""
 
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 
 from kvcompress.compress import CompressionParams
 from kvcompress.engine.detokenizer import DetokenizerState
+from kvcompress.engine.outputs import KVStats
 from kvcompress.engine.sampling import SamplingParams
 
 
@@ -18,21 +18,6 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-class KVStats(NamedTuple):
-    kvs_seen: int  # tokens x layers x KV heads written
-    kvs_kept: int
-    physical_kvs: int  # blocks x block_size
-    blocks: int
-    block_size: int
-    compression_rate: float  # kvs_seen / kvs_kept
-    physical_over_theoretical: float
-    kept_per_layer_head: list[list[int]]
-    compressions: int
-
-    def as_dict(self) -> dict:
-        return self._asdict()
 
 
 @dataclass
@@ -78,13 +63,3 @@ class Sequence:
         """Whether a compression now is allowed by the request's parameters."""
         p = self.compression
         return p.evicts and not (p.compress_once and self.compressions > 0)
-
-
-class RequestOutput(NamedTuple):
-    request_id: str
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    finished: bool
-    finish_reason: str | None
-    kv: KVStats | None

@@ -2,53 +2,58 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from kvcompress.compress import CompressionParams, MetricConfig
+from kvcompress.compress import CompressionParams, MetricConfig, compression_fields
 from kvcompress.engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
 
 Compression = CompressionParams | Mapping[str, Any] | None
 Messages = list[dict[str, str]]
 
 
+def _split_options(model: str | None, options: dict[str, Any]) -> EngineConfig:
+    """EngineConfig from flat keyword options: engine fields, metric fields (``window_size``,
+    ``pool_kernel``, ``collection_buffer``) and compression fields (``policy``,
+    ``compression_rate``, ...), each with its own class's defaults."""
+    engine_names = {f.name for f in dataclasses.fields(EngineConfig)} - {"compression", "metric"}
+    metric_names = {f.name for f in dataclasses.fields(MetricConfig)}
+    compression_names = {spec.name for spec in compression_fields()}
+    unknown = set(options) - engine_names - metric_names - compression_names
+    if unknown:
+        raise TypeError(
+            f"LLM() got unknown option(s) {sorted(unknown)}; it takes EngineConfig, "
+            "MetricConfig and CompressionParams fields"
+        )
+
+    def pick(names: set[str]) -> dict[str, Any]:
+        return {k: v for k, v in options.items() if k in names}
+
+    return EngineConfig(
+        model=model,
+        **pick(engine_names),
+        compression=CompressionParams(**pick(compression_names)),
+        metric=MetricConfig(**pick(metric_names)),
+    )
+
+
 class LLM:
     """Generate with a model on a compressed, paged per-head KV cache.
 
-    Compression keyword arguments (``policy``, ``compression_rate``, ``max_cache_tokens``,
-    ``protected_window``, ``sinks``, ``metric``, ``compress_once``, ``compression_interval``)
-    set the defaults for every request; a request's own ``compression`` overrides them.
+    Keyword options are the fields of :class:`~kvcompress.engine.EngineConfig`
+    (``kv_cache_memory``, ``block_size``, ``max_num_seqs``, ``device``, ...), of
+    :class:`~kvcompress.compress.MetricConfig` (``window_size``, ``pool_kernel``,
+    ``collection_buffer``) and of :class:`~kvcompress.compress.CompressionParams`
+    (``policy``, ``compression_rate``, ``max_cache_tokens``, ``protected_window``, ...). The
+    compression fields set the defaults of every request; a request's own ``compression``
+    overrides the fields it gives.
     """
 
-    def __init__(
-        self,
-        model: str | None = None,
-        kv_cache_memory: int | str = "1GiB",
-        block_size: int = 16,
-        max_num_seqs: int = 64,
-        max_model_len: int | None = None,
-        device: str = "cpu",
-        seed: int = 0,
-        window_size: int = 32,
-        pool_kernel: int = 7,
-        collection_buffer: int = 0,
-        **compression: Any,
-    ) -> None:
-        self.engine = LLMEngine(
-            EngineConfig(
-                model=model,
-                kv_cache_memory=kv_cache_memory,
-                block_size=block_size,
-                max_num_seqs=max_num_seqs,
-                max_model_len=max_model_len,
-                device=device,
-                seed=seed,
-                compression=CompressionParams(**compression),
-                metric=MetricConfig(window_size, collection_buffer, pool_kernel),
-            )
-        )
+    def __init__(self, model: str | None = None, **options: Any) -> None:
+        self.engine = LLMEngine(_split_options(model, options))
 
     @property
     def tokenizer(self):
@@ -92,20 +97,13 @@ class LLM:
             for request_id in ids:
                 engine.abort_request(request_id)
             raise
+        wanted = set(ids)
         results: dict[str, RequestOutput] = {}
-        bar = tqdm(total=n, desc="generate", disable=not use_tqdm or n < 2, unit="req")
-
-        def collect(out: RequestOutput) -> None:
-            if out.finished and out.request_id in ids:
-                results[out.request_id] = out
-                bar.update(1)
-
-        try:
-            while len(results) < n:
-                for out in engine.step():
-                    collect(out)
-        finally:
-            bar.close()
+        with tqdm(total=n, desc="generate", disable=not use_tqdm or n < 2, unit="req") as bar:
+            for out in engine.run():
+                if out.finished and out.request_id in wanted:
+                    results[out.request_id] = out
+                    bar.update(1)
         return [results[i] for i in ids]
 
 

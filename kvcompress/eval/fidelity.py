@@ -36,9 +36,7 @@ from kvcompress.eval.scoring import mean_kl, top1_agreement
 from kvcompress.eval.texts import pydoc_text
 
 if TYPE_CHECKING:
-    import torch
-
-    from kvcompress.engine import LLMEngine
+    from kvcompress.engine import LLMEngine, TeacherForceResult
 
 __all__ = ["FidelitySpec", "Window", "run_fidelity", "token_windows"]
 
@@ -116,11 +114,10 @@ def run_fidelity(
     bar = make_progress(len(windows) * (len(settings) + 1), "fidelity", progress)
     try:
         for window in windows:
-            reference = _force(engine, window, sweep, FULL)
+            reference = _force(engine, window, sweep, FULL).logits
             bar.update(1)
             for setting in settings:
-                logits = _force(engine, window, sweep, setting)
-                stats = engine.last_teacher_force_stats
+                logits, stats = _force(engine, window, sweep, setting)
                 measures[setting].append(
                     _Measure(
                         top1_agreement(reference, logits),
@@ -153,7 +150,9 @@ def run_fidelity(
     )
 
 
-def _force(engine: LLMEngine, window: Window, sweep: SweepConfig, setting: Setting) -> torch.Tensor:
+def _force(
+    engine: LLMEngine, window: Window, sweep: SweepConfig, setting: Setting
+) -> TeacherForceResult:
     return engine.teacher_force(window.prefix, window.continuation, sweep.compression(setting))
 
 

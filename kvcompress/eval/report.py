@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from kvcompress.bench import report as bench_report
+from kvcompress import report as shared_report
 from kvcompress.eval.runner import EvalResult, Row
 
 __all__ = ["format_cell", "format_table", "print_json", "write_csv"]
@@ -32,7 +32,7 @@ def format_cell(key: str, value: Any) -> str:
 
 def format_table(rows: Sequence[Row]) -> str:
     """Rows as right-aligned columns under a header; columns follow `Row.as_dict`."""
-    return bench_report.format_table([row.as_dict() for row in rows], format_cell)
+    return shared_report.format_table([row.as_dict() for row in rows], format_cell)
 
 
 def print_json(result: EvalResult, file: IO[str] | None = None) -> None:

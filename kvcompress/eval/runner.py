@@ -344,14 +344,13 @@ def run_jobs(
     pending = deque(jobs)
     in_flight: dict[str, tuple[Job, int]] = {}
     used = 0
-    capacity = engine.cache.num_blocks
-    max_seqs = engine.config.max_num_seqs
+    capacity = engine.capacity()
     while pending or in_flight:
-        while pending and len(in_flight) < max_seqs:
+        while pending and len(in_flight) < capacity.max_num_seqs:
             job = pending[0]
             total = len(job.prompt.context) + len(job.prompt.question) + job.max_new_tokens
-            need = engine.scheduler.prompt_blocks(total)
-            if in_flight and used + need > capacity:
+            need = capacity.blocks_for(total)
+            if in_flight and used + need > capacity.num_blocks:
                 break
             pending.popleft()
             if job.compress_context_only:

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from kvcompress.engine import EngineConfig, LLMEngine
-from kvcompress.models.hf_reference import to_transformers
 
 
 def make_engine(**kwargs) -> LLMEngine:
@@ -22,7 +21,7 @@ def engine() -> LLMEngine:
 @pytest.fixture(scope="session")
 def hf_default_model(engine):
     """transformers' own Llama implementation holding the very same weights."""
-    return to_transformers(engine.runner.model, engine.model_config)
+    return engine.to_transformers()
 
 
 def hf_logits(model, ids: list[int]) -> torch.Tensor:

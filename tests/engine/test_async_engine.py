@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 
-from kvcompress.compress import CompressionParams
-from kvcompress.engine import EngineStats, QueueFullError, RequestOutput, SamplingParams
-from kvcompress.engine.async_engine import (
+from kvcompress.engine import (
     AsyncLLMEngine,
     ChatPrompt,
+    EngineStats,
+    RequestOutput,
+    RequestState,
+    SamplingParams,
+)
+from kvcompress.errors import (
     ContextLengthError,
     EngineShutdownError,
+    QueueFullError,
     RequestFailedError,
 )
 
@@ -25,10 +29,9 @@ class FakeEngine:
 
     def __init__(self, max_model_len: int = 100_000, max_queue: int | None = None) -> None:
         self.max_model_len = max_model_len
-        self.config = SimpleNamespace(compression=CompressionParams())
         self.max_queue = max_queue
         self.requests: dict[str, tuple[list[int], SamplingParams, list[int]]] = {}
-        self.scheduler = SimpleNamespace(running=[])
+        self.running: list[str] = []
         self.fail_next_step = False
         self.threads: set[str] = set()
         self.polls = 0
@@ -53,13 +56,16 @@ class FakeEngine:
         if self.max_queue is not None and waiting >= self.max_queue:
             raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
         self.requests[request_id] = (list(prompt), sampling, [])
-        self.scheduler.running.append(SimpleNamespace(request_id=request_id))
+        self.running.append(request_id)
         return request_id
 
     def abort_request(self, request_id: str) -> bool:
         self._touch()
-        self.scheduler.running = [s for s in self.scheduler.running if s.request_id != request_id]
+        self.running = [r for r in self.running if r != request_id]
         return self.requests.pop(request_id, None) is not None
+
+    def requests_in_flight(self) -> list[RequestState]:
+        return [RequestState(r, "running", 1, 0) for r in self.running]
 
     def has_unfinished_requests(self) -> bool:
         self._touch()
@@ -82,18 +88,20 @@ class FakeEngine:
                 RequestOutput(
                     rid,
                     "x" * len(out),
-                    list(out),
+                    [7],
+                    len(out),
                     len(prompt),
                     done,
                     "length" if done else None,
                     None,
+                    list(out) if done else [],
                 )
             )
         return outputs
 
     def stats(self) -> EngineStats:
         n = len(self.requests)
-        return EngineStats(n, 0, 100, 100 - n, 16, 0, 0, 0, 0.0, 0, 0, 0, 0.0, 0.0)
+        return EngineStats(n, 0, 100, 100 - n, n, 16, 0, 0, 0, 0.0, 0, 0, 0, 0.0, 0.0)
 
 
 @pytest.fixture

@@ -13,14 +13,14 @@ def agreement(a, b) -> float:
 def test_kvcompress_at_rate_4_keeps_greedy_agreement(engine):
     ids = engine.tokenizer(pydoc_text()[:60_000], add_special_tokens=False)["input_ids"]
     prefix, continuation = ids[:3000], ids[3000:3128]
-    full = engine.teacher_force(prefix, continuation, CompressionParams(policy="full"))
-    kvc = engine.teacher_force(
+    full = engine.teacher_force(prefix, continuation, CompressionParams(policy="full")).logits
+    kvc, kv = engine.teacher_force(
         prefix, continuation, CompressionParams(compression_rate=4, compress_once=True)
     )
-    rate = engine.last_teacher_force_stats.compression_rate
+    rate = kv.compression_rate
     rnd = engine.teacher_force(
         prefix, continuation, CompressionParams("random", compression_rate=4, compress_once=True)
-    )
+    ).logits
     ours, random_ = agreement(full, kvc), agreement(full, rnd)
     print(f"agreement at rate {rate:.2f}: kvcompress {ours:.3f}, random {random_:.3f}")
     assert rate > 3

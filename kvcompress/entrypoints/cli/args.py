@@ -1,10 +1,32 @@
-"""Command-line arguments shared by the commands that build an engine."""
+"""Command-line options shared by the subcommands, derived from the configs they fill.
+
+Compression options come from :func:`~kvcompress.compress.compression_fields` and engine
+options from :class:`~kvcompress.engine.EngineConfig`'s fields, so their names, types and
+defaults are written once, in those classes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import TYPE_CHECKING, Any
 
-from kvcompress.compress import METRICS, POLICIES, CompressionParams
+from kvcompress.compress import BUDGET_FIELDS, CompressionParams, compression_fields
+
+if TYPE_CHECKING:
+    from kvcompress.engine import EngineConfig
+
+# EngineConfig fields offered on the command line, with their help.
+ENGINE_OPTIONS: dict[str, str] = {
+    "model": "HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+    "kv_cache_memory": "KV cache budget, e.g. 2GiB",
+    "block_size": "KVs per block (a power of two, 1-128)",
+    "max_num_seqs": "sequences running at once",
+    "max_model_len": "context length (default: the model's own)",
+    "max_num_batched_tokens": "prompt tokens per prefill step",
+    "device": "torch device, e.g. cpu or cuda",
+    "seed": "seed of the sampler and of the random policy",
+}
 
 
 def parse_rates(text: str) -> tuple[float, ...]:
@@ -19,64 +41,101 @@ def parse_rates(text: str) -> tuple[float, ...]:
     return tuple(int(r) if r.is_integer() else r for r in rates)
 
 
-def add_engine_args(parser: argparse.ArgumentParser, kv_cache_memory: str = "1GiB") -> None:
-    group = parser.add_argument_group("engine")
-    group.add_argument(
-        "--model", default=None, help="HF model dir or .gguf file (default: SmolLM2-135M-Instruct)"
-    )
-    group.add_argument(
-        "--kv-cache-memory", default=kv_cache_memory, help="KV cache budget, e.g. 2GiB"
-    )
-    group.add_argument("--block-size", type=int, default=16)
-    group.add_argument("--max-num-seqs", type=int, default=64)
-    group.add_argument("--max-model-len", type=int, default=None)
-    group.add_argument("--device", default="cpu")
-    group.add_argument("--seed", type=int, default=0)
+def parse_ints(text: str) -> tuple[int, ...]:
+    """``"1,8,32"`` -> ``(1, 8, 32)``: positive integers, e.g. for ``--batch-sizes``."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from err
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1: {text!r}")
+    return values
 
 
-def add_compression_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("compression (defaults for every request)")
-    group.add_argument("--policy", default="kvcompress", choices=sorted(POLICIES))
-    budget = group.add_mutually_exclusive_group()
-    budget.add_argument(
-        "--compression-rate", type=float, default=None, help="keep about 1/C of the KVs"
-    )
-    budget.add_argument(
-        "--max-cache-tokens", type=int, default=None, help="average KVs kept per head"
-    )
-    group.add_argument("--protected-window", type=int, default=32)
-    group.add_argument("--sinks", type=int, default=0)
-    group.add_argument("--metric", default="l2-sum", choices=METRICS)
-    group.add_argument("--compress-once", action="store_true")
-    group.add_argument("--compression-interval", type=int, default=None)
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def compression_from_args(args: argparse.Namespace) -> CompressionParams:
-    return CompressionParams(
-        policy=args.policy,
-        compression_rate=args.compression_rate,
-        max_cache_tokens=args.max_cache_tokens,
-        protected_window=args.protected_window,
-        sinks=args.sinks,
-        metric=args.metric,
-        compress_once=args.compress_once,
-        compression_interval=args.compression_interval,
-    )
-
-
-def engine_config_from_args(args: argparse.Namespace, **overrides):
+def _engine_defaults() -> dict[str, Any]:
     from kvcompress.engine import EngineConfig
 
-    values = dict(
-        model=args.model,
-        kv_cache_memory=args.kv_cache_memory,
-        block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len,
-        device=args.device,
-        seed=args.seed,
-    )
-    if "compression" not in overrides:  # commands without compression flags pass their own
-        values["compression"] = compression_from_args(args)
-    values.update(overrides)
-    return EngineConfig(**values)
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(EngineConfig)
+        if f.default is not dataclasses.MISSING
+    }
+
+
+def add_engine_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
+    """The engine options; ``defaults`` replace EngineConfig's for this command."""
+    unknown = set(defaults) - set(ENGINE_OPTIONS)
+    if unknown:
+        raise ValueError(f"not engine options: {sorted(unknown)}")
+    config_defaults = _engine_defaults() | defaults
+    group = parser.add_argument_group("engine")
+    for name, help in ENGINE_OPTIONS.items():
+        default = config_defaults[name]
+        kind = str if name in ("model", "kv_cache_memory", "device") else int
+        shown = "" if default is None else f" (default: {default})"
+        group.add_argument(_flag(name), type=kind, default=default, help=help + shown)
+
+
+def _nullable(kind: type):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def add_compression_args(
+    parser: argparse.ArgumentParser,
+    title: str = "compression (defaults for every request)",
+    exclude: tuple[str, ...] = (),
+) -> None:
+    """One option per compression field; an option not given leaves the field alone.
+
+    Nullable fields accept ``none`` to clear a default.
+    """
+    group = parser.add_argument_group(title)
+    budget = group.add_mutually_exclusive_group()
+    for spec in compression_fields():
+        if spec.name in exclude:
+            continue
+        target = budget if spec.name in BUDGET_FIELDS else group
+        help = f"{spec.help} (default: {spec.default})"
+        if spec.type is bool:
+            target.add_argument(
+                _flag(spec.name),
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help,
+            )
+            continue
+        kind = _nullable(spec.type) if spec.nullable else spec.type
+        target.add_argument(
+            _flag(spec.name),
+            type=kind,
+            choices=spec.choices,
+            default=argparse.SUPPRESS,
+            help=help,
+        )
+
+
+def compression_from_args(
+    args: argparse.Namespace, base: CompressionParams | None = None
+) -> CompressionParams:
+    """``base`` (default: the schema's defaults) with the compression options given."""
+    options = vars(args)  # options not given are absent (argparse.SUPPRESS)
+    given = {spec.name: options[spec.name] for spec in compression_fields() if spec.name in options}
+    return (base or CompressionParams()).with_overrides(given)
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> EngineConfig:
+    """The EngineConfig of the engine options (and compression options, if the command has
+    them); ``overrides`` set fields the command fixes itself."""
+    from kvcompress.engine import EngineConfig
+
+    values = {name: getattr(args, name) for name in ENGINE_OPTIONS}
+    values["compression"] = compression_from_args(args)
+    return EngineConfig(**(values | overrides))

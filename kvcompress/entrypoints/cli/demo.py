@@ -29,7 +29,7 @@ def add_demo_parser(commands) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from kvcompress.compress import CompressionParams
     from kvcompress.engine import EngineConfig, LLMEngine, SamplingParams
-    from kvcompress.eval.ruler import generate_sample
+    from kvcompress.eval import generate_sample
 
     print("loading the model ...", flush=True)
     engine = LLMEngine(EngineConfig(model=args.model, kv_cache_memory="1GiB"))
@@ -56,11 +56,9 @@ def run_demo(args: argparse.Namespace) -> int:
         engine.add_request(prompt, SamplingParams(max_tokens=12), params): name
         for name, params in runs.items()
     }
-    done = {}
-    while engine.has_unfinished_requests():
-        done |= {o.request_id: o for o in engine.step() if o.finished}
+    done = {o.request_id: o for o in engine.run() if o.finished}
     seconds = time.perf_counter() - start
-    bytes_per_kv = engine.cache.config.bytes_per_kv
+    bytes_per_kv = engine.capacity().bytes_per_kv
     for request_id, name in ids.items():
         out = done[request_id]
         kv = out.kv

@@ -41,8 +41,8 @@ import sys
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-from kvcompress.entrypoints.cli.args import add_engine_args, engine_config_from_args, parse_rates
 from kvcompress.compress import POLICIES
+from kvcompress.entrypoints.cli.args import add_engine_args, engine_config_from_args, parse_rates
 from kvcompress.eval.longbench import SUBSETS
 from kvcompress.eval.ruler import TASKS
 from kvcompress.eval.runner import (

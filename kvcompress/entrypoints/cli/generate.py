@@ -6,9 +6,13 @@ import argparse
 import sys
 import time
 
-from kvcompress.bench.report import print_json
 from kvcompress.cache import format_size
-from kvcompress.entrypoints.cli.args import add_compression_args, add_engine_args, engine_config_from_args
+from kvcompress.entrypoints.cli.args import (
+    add_compression_args,
+    add_engine_args,
+    engine_config_from_args,
+)
+from kvcompress.report import print_json
 
 
 def add_generate_parser(commands) -> None:
@@ -57,13 +61,8 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     engine.add_request(tokens, sampling)
-    final = None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                final = out
+    final = [out for out in engine.run() if out.finished][-1]
     seconds = time.perf_counter() - start
-    assert final is not None and final.kv is not None
     kv = final.kv
     if args.json:
         print_json(
@@ -78,7 +77,7 @@ def run_generate(args: argparse.Namespace) -> int:
         )
         return 0
     print(final.text)
-    bytes_per_kv = engine.cache.config.bytes_per_kv
+    bytes_per_kv = engine.capacity().bytes_per_kv
     used = format_size(kv.physical_kvs * bytes_per_kv)
     uncompressed = format_size(kv.kvs_seen * bytes_per_kv)
     print(

@@ -1,4 +1,4 @@
-"""Argument wiring for ``kvcompress serve`` and ``kvcompress bench load``.
+"""``kvcompress serve``: the OpenAI-compatible server over one engine.
 
 Heavy imports (torch, FastAPI, uvicorn) happen inside the command functions so that
 ``kvcompress --help`` stays fast.
@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 
-from kvcompress.entrypoints.cli.args import add_compression_args, add_engine_args
+from kvcompress.entrypoints.cli.args import (
+    add_compression_args,
+    add_engine_args,
+    engine_config_from_args,
+)
 
 
 def add_serve_parser(commands) -> argparse.ArgumentParser:
@@ -29,10 +33,9 @@ def add_serve_parser(commands) -> argparse.ArgumentParser:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from kvcompress.entrypoints.cli.args import engine_config_from_args
-    from kvcompress.engine import LLMEngine
-    from kvcompress.engine.async_engine import AsyncLLMEngine
-    from kvcompress.entrypoints.openai.app import GracefulServer, build_app, model_name, uvicorn_config
+    from kvcompress.engine import AsyncLLMEngine, LLMEngine
+    from kvcompress.entrypoints.openai.app import build_app, model_name
+    from kvcompress.entrypoints.openai.serving import GracefulServer, uvicorn_config
 
     engine = AsyncLLMEngine(LLMEngine(engine_config_from_args(args, max_queue=args.max_queue)))
     app = build_app(engine, model_name(args.model))
@@ -47,14 +50,3 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()  # idempotent; covers a failed startup too
     return 0 if server.started else 1
-
-
-def add_load_parser(bench_commands) -> argparse.ArgumentParser:
-    from kvcompress.bench.load import add_load_args, run_load_command
-
-    p = bench_commands.add_parser(
-        "load", help="HTTP load test of the server, compression on vs off"
-    )
-    add_load_args(p)
-    p.set_defaults(func=run_load_command)
-    return p

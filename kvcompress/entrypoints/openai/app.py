@@ -11,32 +11,32 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvcompress.compress import CompressionParams
-from kvcompress.engine import QueueFullError, RequestOutput, SamplingParams, merge_compression
-from kvcompress.engine.async_engine import (
+from kvcompress.engine import (
     AsyncLLMEngine,
     ChatPrompt,
-    ContextLengthError,
-    EngineShutdownError,
     Prompt,
-    RequestFailedError,
+    RequestOutput,
     RequestStream,
+    SamplingParams,
 )
 from kvcompress.entrypoints.openai import protocol as p
 from kvcompress.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
+from kvcompress.errors import (
+    EngineShutdownError,
+    QueueFullError,
+    RequestError,
+    RequestFailedError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def build_app(engine: AsyncLLMEngine, served_model: str, *, manage_engine: bool 
         asked = body.requested_max_tokens()
         default = COMPLETIONS_DEFAULT_MAX_TOKENS if kind == "completion" else engine.max_model_len
         sampling = body.sampling_params(default)
-        compression = _compression(engine.default_compression, body.compression_overrides())
+        compression = body.compression_overrides()
         request_id = p.new_id("cmpl" if kind == "completion" else "chatcmpl")
         param = "prompt" if kind == "completion" else "messages"
         stream = await _add(engine, prompt, sampling, compression, request_id, asked, param)
@@ -187,43 +187,29 @@ def build_app(engine: AsyncLLMEngine, served_model: str, *, manage_engine: bool 
     return app
 
 
-def _compression(default: CompressionParams, overrides: dict[str, Any]) -> CompressionParams:
-    try:
-        return merge_compression(default, overrides)
-    except (ValueError, TypeError) as err:
-        param = p.guess_param(str(err), p.COMPRESSION_FIELDS)
-        raise p.APIError(str(err), param=param, code="invalid_compression") from err
-
-
 async def _add(
     engine: AsyncLLMEngine,
     prompt: Prompt,
     sampling: SamplingParams,
-    compression: CompressionParams,
+    compression: dict[str, Any],
     request_id: str,
     asked: int | None,
     param: str,
 ) -> RequestStream:
+    """Queue the request; the engine's typed errors become OpenAI error bodies."""
     try:
         return await engine.add_request(
             prompt, sampling, compression, request_id, fit_max_tokens=asked is None
         )
     except QueueFullError as err:
-        raise p.APIError(
-            f"{err}; retry later", 429, type="rate_limit_error", code="queue_full"
-        ) from err
-    except ContextLengthError as err:
-        raise p.APIError(str(err), param="max_tokens", code="context_length_exceeded") from err
+        message = f"{err}; retry later"
+        raise p.APIError(message, 429, type="rate_limit_error", code=err.code) from err
     except EngineShutdownError as err:
-        raise p.APIError(str(err), 503, type="server_error", code="unavailable") from err
-    except ValueError as err:
-        # The engine's messages say which limit a prompt broke; codes let clients tell.
-        message, code = str(err), None
-        if "context" in message:
-            code = "context_length_exceeded"
-        elif "KV" in message:
-            code = "kv_cache_exceeded"
-        raise p.APIError(message, param=param, code=code) from err
+        raise p.APIError(str(err), 503, type="server_error", code=err.code) from err
+    except RequestError as err:
+        # The engine names the prompt "prompt"; chat requests carry it in "messages".
+        where = param if err.param == "prompt" else err.param
+        raise p.APIError(str(err), param=where, code=err.code) from err
 
 
 async def _complete(call: _Call, model: str, metrics: ServerMetrics, request: Request) -> Response:
@@ -343,87 +329,3 @@ async def _sse(call: _Call, model: str, metrics: ServerMetrics) -> AsyncIterator
         except (RequestFailedError, EngineShutdownError) as err:
             yield _sse_event(p.error_body(str(err), type="server_error"))
         yield "data: [DONE]\n\n"
-
-
-# ---------------------------------------------------------------------- running it
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-SHUTDOWN_GRACE_SECONDS = 5.0
-
-
-def uvicorn_config(app: FastAPI, host: str, port: int, log_level: str = "info") -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        # A backstop only: GracefulServer ends open requests itself after its grace period.
-        timeout_graceful_shutdown=int(SHUTDOWN_GRACE_SECONDS) + 10,
-        lifespan="on",
-    )
-
-
-class GracefulServer(uvicorn.Server):
-    """uvicorn that ends open requests cleanly on SIGINT/SIGTERM.
-
-    uvicorn stops accepting connections and waits for open ones; a stream of hundreds of
-    tokens would outlast that and be cut mid-event. After ``grace`` seconds this stops the
-    engine instead, so every open stream ends with an error event and ``[DONE]`` and every
-    waiting non-streaming request gets a 503. A second signal still forces the exit.
-    """
-
-    def __init__(
-        self, config: uvicorn.Config, engine: AsyncLLMEngine, grace: float = SHUTDOWN_GRACE_SECONDS
-    ) -> None:
-        super().__init__(config)
-        self.engine = engine
-        self.grace = grace
-
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        first = not self.should_exit
-        super().handle_exit(sig, frame)
-        if first:
-            timer = threading.Timer(self.grace, self.engine.shutdown)
-            timer.daemon = True
-            timer.start()
-
-
-class BackgroundServer:
-    """uvicorn in a background thread of this process (tests, the load benchmark).
-
-    Signals stay with the main thread; ``stop`` asks uvicorn to exit, which runs the app's
-    lifespan shutdown and so stops the engine thread too.
-    """
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int | None = None) -> None:
-        self.host = host
-        self.port = port or free_port(host)
-        self.server = uvicorn.Server(uvicorn_config(app, self.host, self.port, "warning"))
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 60.0) -> BackgroundServer:
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the server on {self.url} did not start")
-            time.sleep(0.05)
-        return self
-
-    def stop(self, timeout: float = 60.0) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout)
-
-    def __enter__(self) -> BackgroundServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()

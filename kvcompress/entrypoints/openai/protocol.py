@@ -20,24 +20,31 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    create_model,
     field_validator,
 )
 
+from kvcompress.compress import compression_fields
 from kvcompress.engine import KVStats, SamplingParams
+from kvcompress.errors import InvalidParameterError
 
 Float = Annotated[StrictFloat, Field(allow_inf_nan=False)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 
-COMPRESSION_FIELDS = (
-    "policy",
-    "compression_rate",
-    "max_cache_tokens",
-    "protected_window",
-    "sinks",
-    "metric",
-    "compress_once",
-    "compression_interval",
+_STRICT: dict[type, Any] = {str: StrictStr, int: StrictInt, float: Float, bool: StrictBool}
+
+# KV-Compress: per-request compression fields, one per CompressionParams field. A field left
+# out takes the server's default; an explicit null clears a nullable default (for example
+# "compression_interval": null turns off the server's periodic compression).
+CompressionFields = create_model(
+    "CompressionFields",
+    __config__=ConfigDict(extra="ignore"),
+    **{
+        spec.name: (_STRICT[spec.type] | None, Field(None, description=spec.help))
+        for spec in compression_fields()
+    },
 )
+COMPRESSION_FIELDS = tuple(spec.name for spec in compression_fields())
 
 
 class APIError(Exception):
@@ -69,17 +76,11 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def guess_param(message: str, candidates: tuple[str, ...]) -> str | None:
-    """The request field an engine error message is about (messages name their field)."""
-    found = [(message.find(name), name) for name in candidates if name in message]
-    return min(found)[1] if found else None
-
-
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class CommonRequest(BaseModel):
+class CommonRequest(CompressionFields):  # type: ignore[misc, valid-type]
     """Fields shared by completions and chat completions."""
 
     model_config = ConfigDict(extra="ignore")
@@ -101,18 +102,10 @@ class CommonRequest(BaseModel):
     top_k: Annotated[StrictInt, Field(ge=0)] = 0
     ignore_eos: StrictBool = False
     stop_token_ids: list[StrictInt] | None = None
-    # KV-Compress: per-request compression; absent fields take the server's defaults.
-    policy: StrictStr | None = None
-    compression_rate: Float | None = None
-    max_cache_tokens: StrictInt | None = None
-    protected_window: StrictInt | None = None
-    sinks: StrictInt | None = None
-    metric: StrictStr | None = None
-    compress_once: StrictBool | None = None
-    compression_interval: StrictInt | None = None
 
     def compression_overrides(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in COMPRESSION_FIELDS if getattr(self, k) is not None}
+        """The compression fields the request gave (null included: it clears a default)."""
+        return {k: getattr(self, k) for k in COMPRESSION_FIELDS if k in self.model_fields_set}
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -140,9 +133,8 @@ class CommonRequest(BaseModel):
                 stop_token_ids=tuple(self.stop_token_ids or ()),
                 ignore_eos=self.ignore_eos,
             )
-        except ValueError as err:
-            candidates = ("max_tokens", "temperature", "top_k", "top_p", "stop")
-            raise APIError(str(err), param=guess_param(str(err), candidates)) from err
+        except InvalidParameterError as err:
+            raise APIError(str(err), param=err.param, code=err.code) from err
 
     @property
     def include_usage(self) -> bool:

@@ -10,7 +10,6 @@ from kvcompress.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DeltaTracker,
-    guess_param,
     validation_error,
 )
 
@@ -76,13 +75,25 @@ def test_text_parts_and_developer_role():
     ]
 
 
-def test_guess_param_picks_the_first_named_field():
-    fields = ("compression_rate", "max_cache_tokens", "policy")
-    assert (
-        guess_param("give compression_rate or max_cache_tokens, not both", fields)
-        == "compression_rate"
-    )
-    assert guess_param("nothing here", fields) is None
+def test_compression_fields_follow_the_schema_and_null_clears():
+    from kvcompress.compress import compression_fields
+
+    names = {spec.name for spec in compression_fields()}
+    assert names <= set(CompletionRequest.model_fields)
+    body = {"prompt": "x", "compression_rate": 4, "compression_interval": None}
+    given = CompletionRequest.model_validate(body).compression_overrides()
+    assert given == {"compression_rate": 4.0, "compression_interval": None}
+    assert CompletionRequest.model_validate({"prompt": "x"}).compression_overrides() == {}
+
+
+def test_sampling_errors_name_their_field():
+    body = CompletionRequest.model_validate({"prompt": "x", "top_k": 0, "max_tokens": 1})
+    assert body.sampling_params(16).max_tokens == 1
+    with pytest.raises(APIError) as info:
+        ChatCompletionRequest.model_validate(
+            {"messages": [{"role": "user", "content": "hi"}], "stop": [""]}
+        ).sampling_params(16)
+    assert info.value.param == "stop" and info.value.code == "invalid_parameter"
 
 
 def test_delta_tracker_holds_back_a_possible_stop_string():

@@ -17,9 +17,9 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvcompress.bench.load import LoadConfig, drive
-from kvcompress.engine import EngineConfig, LLMEngine
-from kvcompress.engine.async_engine import AsyncLLMEngine
-from kvcompress.entrypoints.openai.app import DEFAULT_MODEL_NAME, BackgroundServer, build_app, free_port
+from kvcompress.engine import AsyncLLMEngine, EngineConfig, LLMEngine
+from kvcompress.entrypoints.openai.app import DEFAULT_MODEL_NAME, build_app
+from kvcompress.entrypoints.openai.serving import BackgroundServer, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -431,22 +431,12 @@ def test_bounded_queue_answers_429():
         srv.stop()
 
 
-SERVE_SCRIPT = """
-import argparse, sys
-from kvcompress.entrypoints.cli.serve import add_serve_parser
-parser = argparse.ArgumentParser()
-add_serve_parser(parser.add_subparsers(required=True))
-args = parser.parse_args(sys.argv[1:])
-sys.exit(args.func(args))
-"""
-
-
 def test_serve_command_ends_open_streams_and_exits_on_sigint():
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = ["serve", "--port", str(port), "--kv-cache-memory", KV_BUDGET]
     proc = subprocess.Popen(
-        [sys.executable, "-c", SERVE_SCRIPT, *args],
+        [sys.executable, "-m", "kvcompress.entrypoints.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -1,12 +1,15 @@
-"""Printing benchmark rows as an aligned table or one JSON document."""
+"""Reports of the commands (bench, eval, generate): an aligned table, one JSON document on
+stdout, or a CSV file."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -43,22 +46,34 @@ def print_json(document: Any, file=None) -> None:
     print(file=file or sys.stdout)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN or infinity
     if isinstance(value, Mapping):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(dataclasses.asdict(value))
+        return jsonable(dataclasses.asdict(value))
     return value
 
 
 def emit_report(config: Any, rows: Sequence[Mapping[str, Any]], as_json: bool, header: str) -> None:
     """One JSON document ``{"config", "rows"}`` on stdout, or a header line and a table."""
     if as_json:
-        print_json(_jsonable({"config": config, "rows": list(rows)}))
+        print_json(jsonable({"config": config, "rows": list(rows)}))
     else:
         print(header)
         print_table(rows)
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """One CSV line per row; the header is the union of the rows' keys, in first-seen order."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    return target

@@ -1,0 +1,110 @@
+"""What the engine reports: per-request outputs and KV statistics, engine-wide figures."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class KVStats(NamedTuple):
+    """One request's KV cache at the end of its last step.
+
+    ``physical_kvs`` and ``blocks`` are counted from the request's block tables (what it
+    really holds), ``kvs_kept`` from its heads' lengths: a gap between them is held memory
+    that stores nothing.
+    """
+
+    kvs_seen: int  # tokens x layers x KV heads written
+    kvs_kept: int
+    physical_kvs: int  # blocks x block_size
+    blocks: int
+    block_size: int
+    compression_rate: float  # kvs_seen / kvs_kept
+    physical_over_theoretical: float
+    kept_per_layer_head: list[list[int]]
+    compressions: int
+
+    def as_dict(self) -> dict:
+        return self._asdict()
+
+
+class RequestOutput(NamedTuple):
+    """One request after a step.
+
+    ``new_token_ids`` holds only the tokens this step generated (a step does not copy a
+    request's whole output); ``token_ids`` holds every generated token, on the final output
+    only (empty before). ``text`` is everything generated so far.
+    """
+
+    request_id: str
+    text: str
+    new_token_ids: list[int]
+    num_output_tokens: int
+    prompt_tokens: int
+    finished: bool
+    finish_reason: str | None
+    kv: KVStats | None
+    token_ids: list[int]
+
+
+class RequestState(NamedTuple):
+    """A request in flight, as :meth:`LLMEngine.requests_in_flight` lists it."""
+
+    request_id: str
+    status: str  # "waiting" | "running"
+    prompt_tokens: int
+    output_tokens: int
+
+
+class EngineStats(NamedTuple):
+    running: int
+    waiting: int
+    blocks_total: int
+    blocks_free: int  # from the pool
+    blocks_held: int  # referenced by the block tables of requests in flight
+    block_size: int
+    kvs_kept: int  # KVs held by running sequences
+    kvs_seen: int  # KVs written by running sequences
+    compression_passes: int
+    compression_seconds: float
+    preemptions: int
+    prompt_tokens: int  # processed since start
+    generation_tokens: int  # generated since start
+    prefill_seconds: float  # model time in prefill steps since start
+    decode_seconds: float  # model time in decode steps since start
+
+    @property
+    def blocks_used(self) -> int:
+        return self.blocks_total - self.blocks_free
+
+
+class Capacity(NamedTuple):
+    """The KV cache's size, and what a request needs of it."""
+
+    num_blocks: int
+    free_blocks: int
+    block_size: int
+    bytes_per_kv: int  # K, V, metric and position of one KV
+    heads: int  # layers x KV heads: KVs written per token
+    max_num_seqs: int
+    max_model_len: int
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.bytes_per_kv * self.block_size
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_blocks * self.bytes_per_block
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks ``num_tokens`` tokens hold uncompressed (every head of every layer)."""
+        return self.heads * -(-num_tokens // self.block_size)
+
+
+class TeacherForceResult(NamedTuple):
+    """What :meth:`LLMEngine.teacher_force` returns."""
+
+    logits: torch.Tensor  # [len(continuation), vocab] float32
+    kv: KVStats  # the cache after the last continuation token

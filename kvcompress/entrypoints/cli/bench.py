@@ -1,0 +1,188 @@
+"""``kvcompress bench memory | decode | throughput | load``: figures printed from real runs."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import sys
+from collections.abc import Iterator
+
+from kvcompress.entrypoints.cli.args import (
+    add_compression_args,
+    add_engine_args,
+    compression_from_args,
+    engine_config_from_args,
+    parse_ints,
+    parse_rates,
+)
+
+# The rates are swept; the other compression fields apply at every rate.
+SWEPT = ("compression_rate", "max_cache_tokens")
+REPORT_HELP = "one JSON document on stdout"
+
+
+def add_bench_parser(commands) -> None:
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
+        dest="bench", required=True
+    )
+    memory = bench.add_parser("memory", help="physical memory freed vs KVs evicted")
+    memory.add_argument("--prompt-len", type=int, default=2048)
+    memory.add_argument("--num-seqs", type=int, default=8)
+    memory.add_argument("--block-size", type=int, default=16)
+    memory.add_argument("--rates", type=parse_rates, default=(1, 2, 4, 8, 16, 32, 64))
+    memory.add_argument("--repeats", type=int, default=3)
+    memory.add_argument("--json", action="store_true", help=REPORT_HELP)
+    add_compression_args(memory, "compression (at every rate)", exclude=SWEPT)
+    memory.set_defaults(func=run_memory)
+
+    decode = bench.add_parser("decode", help="tokens/s by batch size, ours vs transformers")
+    decode.add_argument("--batch-sizes", type=parse_ints, default=(1, 8, 32))
+    decode.add_argument("--prompt-len", type=int, default=512)
+    decode.add_argument("--output-len", type=int, default=64)
+    decode.add_argument("--rate", type=float, default=8.0, help="compression rate of 'on'")
+    decode.add_argument("--model", default=None)
+    decode.add_argument("--kv-cache-memory", default="2GiB")
+    decode.add_argument("--no-transformers", action="store_true", help="skip the baseline")
+    decode.add_argument("--json", action="store_true", help=REPORT_HELP)
+    add_compression_args(decode, "compression (of the 'on' runs)", exclude=SWEPT)
+    decode.set_defaults(func=run_decode)
+
+    tp = bench.add_parser("throughput", help="throughput at a fixed KV budget, by rate")
+    tp.add_argument("--num-prompts", type=int, default=32)
+    tp.add_argument("--input-len", type=int, default=1024)
+    tp.add_argument("--output-len", type=int, default=512)
+    tp.add_argument("--rates", type=parse_rates, default=(1, 8, 64))
+    tp.add_argument("--kv-cache-memory", default="200MiB")
+    tp.add_argument("--model", default=None)
+    tp.add_argument("--no-transformers", action="store_true", help="skip the baseline")
+    tp.add_argument("--plot-dir", default=None, help="write throughput_speedup.png here")
+    tp.add_argument("--json", action="store_true", help=REPORT_HELP)
+    add_compression_args(tp, "compression (at every rate)", exclude=SWEPT)
+    tp.set_defaults(func=run_throughput)
+
+    load = bench.add_parser("load", help="HTTP load test of the server, compression on vs off")
+    load.add_argument("--clients", type=int, default=8, help="concurrent streaming clients")
+    load.add_argument("--duration", type=float, default=30.0, help="seconds of load per rate")
+    load.add_argument("--prompt-len", type=int, default=512, help="prompt tokens")
+    load.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
+    load.add_argument("--rates", type=parse_rates, default=(1, 8), help="server default rates")
+    load.add_argument("--json", action="store_true", help=REPORT_HELP)
+    # The default budget holds one uncompressed default request at a time.
+    add_engine_args(load, kv_cache_memory="48MiB")
+    add_compression_args(load, "compression (server defaults at every rate)", exclude=SWEPT)
+    load.set_defaults(func=run_load)
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    from kvcompress.bench.memory import MemoryBenchConfig, run_memory_bench
+    from kvcompress.report import emit_report
+
+    cfg = MemoryBenchConfig(
+        prompt_len=args.prompt_len,
+        num_seqs=args.num_seqs,
+        block_size=args.block_size,
+        rates=args.rates,
+        repeats=args.repeats,
+        compression=compression_from_args(args),
+    )
+    header = (
+        f"memory benchmark: {cfg.num_seqs} sequences x {cfg.prompt_len} tokens, "
+        f"{cfg.num_layers} layers x {cfg.num_kv_heads} KV heads x head dim {cfg.head_dim}, "
+        f"block size {cfg.block_size}, policy {cfg.compression.policy}, "
+        f"protected window {cfg.compression.protected_window}"
+    )
+    emit_report(cfg, run_memory_bench(cfg), args.json, header)
+    return 0
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    from kvcompress.bench.decode import DecodeBenchConfig, run_decode_bench
+    from kvcompress.report import emit_report
+
+    cfg = DecodeBenchConfig(
+        batch_sizes=args.batch_sizes,
+        prompt_len=args.prompt_len,
+        output_len=args.output_len,
+        rate=args.rate,
+        model=args.model,
+        kv_cache_memory=args.kv_cache_memory,
+        transformers_baseline=not args.no_transformers,
+        compression=compression_from_args(args),
+    )
+    header = (
+        f"decode benchmark: prompts of {cfg.prompt_len} tokens, {cfg.output_len} generated, "
+        f"compression 'on' = {cfg.compression.policy} at rate {cfg.rate}; tokens/s"
+    )
+    emit_report(cfg, run_decode_bench(cfg), args.json, header)
+    return 0
+
+
+def run_throughput(args: argparse.Namespace) -> int:
+    from kvcompress.bench.throughput import (
+        ThroughputBenchConfig,
+        plot_speedup,
+        run_throughput_bench,
+    )
+    from kvcompress.report import emit_report
+
+    cfg = ThroughputBenchConfig(
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        rates=args.rates,
+        kv_cache_memory=args.kv_cache_memory,
+        model=args.model,
+        transformers_baseline=not args.no_transformers,
+        compression=compression_from_args(args),
+    )
+    rows = run_throughput_bench(cfg)
+    header = (
+        f"throughput benchmark: {cfg.num_prompts} prompts x {cfg.input_len} tokens in, "
+        f"{cfg.output_len} out, KV budget {cfg.kv_cache_memory}, "
+        f"policy {cfg.compression.policy}"
+    )
+    emit_report(cfg, rows, args.json, header)
+    if args.plot_dir:
+        print(f"plot: {plot_speedup(rows, args.plot_dir)}", file=sys.stderr)
+    return 0
+
+
+def run_load(args: argparse.Namespace) -> int:
+    from kvcompress.bench.load import LoadConfig, ServerRun, run_load_bench
+    from kvcompress.bench.workload import text_prompts
+    from kvcompress.engine import AsyncLLMEngine, LLMEngine
+    from kvcompress.entrypoints.openai.app import build_app, model_name
+    from kvcompress.entrypoints.openai.serving import BackgroundServer
+    from kvcompress.report import emit_report
+
+    cfg = LoadConfig(
+        clients=args.clients,
+        duration=args.duration,
+        prompt_len=args.prompt_len,
+        max_tokens=args.max_tokens,
+        rates=args.rates,
+    )
+    base = engine_config_from_args(args)
+
+    @contextlib.contextmanager
+    def serve(rate: float) -> Iterator[ServerRun]:
+        rate_or_off = {"compression_rate": rate} if rate > 1 else {"compression_rate": None}
+        config = dataclasses.replace(base, compression=base.compression.with_overrides(rate_or_off))
+        engine = AsyncLLMEngine(LLMEngine(config))
+        # Distinct prompts per client request; token ids so the length is exact.
+        prompts = text_prompts(engine.tokenizer, max(4 * cfg.clients, 16), cfg.prompt_len)
+        with BackgroundServer(build_app(engine, model_name(base.model))) as server:
+            yield ServerRun(server.url, engine.stats, prompts)
+
+    logging.basicConfig(level=logging.WARNING)
+    rows = run_load_bench(cfg, serve, log=lambda msg: print(msg, file=sys.stderr))
+    header = (
+        f"load benchmark: {cfg.clients} streaming clients x {cfg.duration:g} s per rate, "
+        f"prompts of {cfg.prompt_len} tokens, {cfg.max_tokens} tokens out, "
+        f"KV budget {base.kv_cache_memory} bytes, policy {base.compression.policy}; "
+        "latencies in seconds"
+    )
+    emit_report({"load": cfg, "engine": base}, rows, args.json, header)
+    return 0
