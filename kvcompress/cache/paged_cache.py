@@ -84,6 +84,7 @@ class CacheAudit(NamedTuple):
     referenced_free: int  # referenced by a table while on the pool's free stack
     overheld_rows: int  # (layer, seq, head) rows holding blocks past ceil(len / block_size)
     short_rows: int  # rows missing a block inside ceil(len / block_size)
+    double_freed: int  # blocks on the pool's free stack more than once
 
     @property
     def ok(self) -> bool:
@@ -94,6 +95,7 @@ class CacheAudit(NamedTuple):
             and not self.referenced_free
             and not self.overheld_rows
             and not self.short_rows
+            and not self.double_freed
         )
 
 
@@ -280,8 +282,8 @@ class PagedKVCache:
         held = tables >= 0
         referenced = tables[held]
         counts = torch.bincount(referenced, minlength=self.num_blocks)
-        is_free = torch.zeros(self.num_blocks, dtype=torch.bool, device=tables.device)
-        is_free[self.pool.free_ids()] = True
+        free_counts = torch.bincount(self.pool.free_ids(), minlength=self.num_blocks)
+        is_free = free_counts > 0
         in_use = ~is_free
         need = _ceil_div(self.context_lens, self.block_size)  # [L, S, H]
         cols = torch.arange(tables.shape[-1], device=tables.device)
@@ -294,6 +296,7 @@ class PagedKVCache:
             referenced_free=int((is_free & (counts > 0)).sum().item()),
             overheld_rows=int((held & ~within).any(dim=-1).sum().item()),
             short_rows=int((~held & within).any(dim=-1).sum().item()),
+            double_freed=int((free_counts > 1).sum().item()),
         )
 
     @property

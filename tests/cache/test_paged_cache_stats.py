@@ -78,6 +78,15 @@ def test_block_referenced_twice_or_while_free_is_reported():
     audit = cache.audit()
     assert audit.referenced_free == 1 and audit.pool_used == 19 and audit.table_held == 20
 
+    # A block freed twice sits on the free stack twice; the pool's count alone cannot see it.
+    cache, (a,) = filled([5])
+    block = cache.block_tables[0, a, 0, :1].clone()
+    cache.block_tables[0, a, 0, 0] = -1
+    cache.pool.free(block)
+    cache.pool.free(block)
+    audit = cache.audit()
+    assert audit.double_freed == 1 and audit.short_rows == 1 and not audit.ok
+
 
 def test_missing_block_inside_a_length_is_reported():
     cache, (a, _) = filled([5, 9])
