@@ -73,6 +73,32 @@ class HeadView(NamedTuple):
         return self.blocks[seq, row, torch.div(index, bs, rounding_mode="floor")] * bs + index % bs
 
 
+class CacheAudit(NamedTuple):
+    """The pool checked against the block tables; every count but the first two is 0 when
+    the cache is consistent."""
+
+    pool_used: int  # blocks the pool has handed out
+    table_held: int  # block-table entries referencing a block, over all sequences
+    leaked: int  # handed out by the pool but referenced by no table
+    shared: int  # referenced by more than one table entry
+    referenced_free: int  # referenced by a table while on the pool's free stack
+    overheld_rows: int  # (layer, seq, head) rows holding blocks past ceil(len / block_size)
+    short_rows: int  # rows missing a block inside ceil(len / block_size)
+    double_freed: int  # blocks on the pool's free stack more than once
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.pool_used == self.table_held
+            and not self.leaked
+            and not self.shared
+            and not self.referenced_free
+            and not self.overheld_rows
+            and not self.short_rows
+            and not self.double_freed
+        )
+
+
 def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
     return torch.div(a + (b - 1), b, rounding_mode="floor")
 
@@ -227,12 +253,51 @@ class PagedKVCache:
         return self.block_tables[layer, seq_slots], self.context_lens[layer, seq_slots]
 
     # ----------------------------------------------------------------- statistics
+    # Memory figures count the block tables and the pool, never ``ceil(context_lens / bs)``:
+    # a block that a table holds beyond its head's length, or that the pool handed out and no
+    # table references, is memory in use, and a figure derived from lengths would hide it.
     def kept_per_layer_head(self, slot: int) -> torch.Tensor:
         """``[num_layers, num_kv_heads]`` KVs held by each head of one sequence."""
         return self.context_lens[:, slot].clone()
 
     def blocks_held(self, slot: int) -> int:
+        """Blocks the sequence's block-table rows reference (its real memory)."""
+        return int((self.block_tables[:, slot] >= 0).sum().item())
+
+    def physical_kvs(self, slot: int) -> int:
+        """KV slots the sequence occupies in the pool: ``blocks_held * block_size``."""
+        return self.blocks_held(slot) * self.block_size
+
+    def blocks_for_kept(self, slot: int) -> int:
+        """Blocks the sequence *should* hold: ``ceil(kept / block_size)`` summed over heads."""
         return int(_ceil_div(self.context_lens[:, slot], self.block_size).sum().item())
+
+    def held_block_count(self) -> int:
+        """Blocks referenced by every block table; equals ``pool.num_used`` unless a leak."""
+        return int((self.block_tables >= 0).sum().item())
+
+    def audit(self) -> CacheAudit:
+        """Check the pool against the block tables (a full scan: for tests and metrics)."""
+        tables = self.block_tables
+        held = tables >= 0
+        referenced = tables[held]
+        counts = torch.bincount(referenced, minlength=self.num_blocks)
+        free_counts = torch.bincount(self.pool.free_ids(), minlength=self.num_blocks)
+        is_free = free_counts > 0
+        in_use = ~is_free
+        need = _ceil_div(self.context_lens, self.block_size)  # [L, S, H]
+        cols = torch.arange(tables.shape[-1], device=tables.device)
+        within = cols < need.unsqueeze(-1)
+        return CacheAudit(
+            pool_used=self.pool.num_used,
+            table_held=int(referenced.numel()),
+            leaked=int((in_use & (counts == 0)).sum().item()),
+            shared=int((counts > 1).sum().item()),
+            referenced_free=int((is_free & (counts > 0)).sum().item()),
+            overheld_rows=int((held & ~within).any(dim=-1).sum().item()),
+            short_rows=int((~held & within).any(dim=-1).sum().item()),
+            double_freed=int((free_counts > 1).sum().item()),
+        )
 
     @property
     def num_free_blocks(self) -> int:

@@ -51,6 +51,13 @@ class Compressor:
         """Evict down to each sequence's budget; sequences already within it are untouched."""
         if len(seq_slots) != len(params):
             raise ValueError("one CompressionParams per sequence slot")
+        # A sequence twice in one call would be compacted twice from the same view: its blocks
+        # are freed twice (the pool silently corrupts) and its lengths go wrong.
+        seen: set[int] = set()
+        for slot in seq_slots:
+            if int(slot) in seen:
+                raise ValueError(f"sequence slot {int(slot)} appears more than once in compress")
+            seen.add(int(slot))
         start = time.perf_counter()
         groups: dict[str, list[int]] = {}
         for i, p in enumerate(params):

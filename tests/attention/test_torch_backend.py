@@ -1,0 +1,236 @@
+"""The torch backend against plain-torch references computed from the pools and block tables.
+
+Each check would fail on a plausible bug: a metric written to another head's or sequence's
+slots, the window taken from the wrong end of a prompt, probabilities not squared or not
+summed over the GQA group, a sequence that does not collect accumulating anyway, or a decode
+that attends to slots past a head's length (stale KVs left behind by a compaction).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcompress.attention import AttentionMetadata, TorchAttentionBackend
+from kvcompress.cache import CacheConfig, PagedKVCache
+from kvcompress.compress import CompressionParams, Compressor, MetricConfig, window_metric
+
+L, H, HQ, D, BS = 2, 2, 4, 8, 4  # GQA: two query heads per KV head
+G = HQ // H
+ATOL = 1e-5
+
+
+def make_cache(blocks: int = 256) -> PagedKVCache:
+    cfg = CacheConfig(
+        num_layers=L,
+        num_kv_heads=H,
+        head_dim=D,
+        block_size=BS,
+        kv_cache_memory=blocks * BS * (2 * D * 4 + 8),
+        max_seqs=8,
+        max_model_len=128,
+    )
+    return PagedKVCache(cfg)
+
+
+def _meta(
+    cache: PagedKVCache,
+    seq_slots: list[int],
+    counts: list[int],
+    is_prefill: bool,
+    powers: list[int],
+    collect: list[bool],
+) -> AttentionMetadata:
+    """Append room for the step and build its metadata as ``ModelRunner.run`` does.
+
+    The ONE place these tests build metadata: if ``AttentionMetadata`` changes, adapt here.
+    """
+    slots = torch.tensor(seq_slots, dtype=torch.long)
+    plan = cache.prepare_append(slots, torch.tensor(counts))
+    max_blocks = 0
+    if not is_prefill:
+        max_blocks = -(-int(cache.context_lens[:, slots].max()) // cache.block_size)
+    return AttentionMetadata(
+        is_prefill=is_prefill,
+        seq_slots=slots,
+        append=plan,
+        query_lens=list(counts),
+        metric_power=torch.tensor(powers),
+        collect_metric=list(collect),
+        max_blocks=max_blocks,
+    )
+
+
+def held_slots(cache: PagedKVCache, layer: int, slot: int, head: int) -> torch.Tensor:
+    """Flat slot ids of a head's held KVs, read from its block-table row and length."""
+    n = int(cache.context_lens[layer, slot, head])
+    blocks = cache.block_tables[layer, slot, head, : -(-n // BS)]
+    return (blocks.view(-1, 1) * BS + torch.arange(BS)).reshape(-1)[:n]
+
+
+def fill(cache: PagedKVCache, lengths: list[int], gen: torch.Generator) -> tuple[list[int], dict]:
+    """Sequences with random K, V and metric; ``keys[(slot, layer, head, pos)] = (k, v)``."""
+    slots = [cache.allocate_seq() for _ in lengths]
+    plan = cache.prepare_append(torch.tensor(slots), torch.tensor(lengths))
+    n = plan.positions.numel()
+    keys = {}
+    for layer in range(L):
+        k, v = torch.randn(2, n, H, D, generator=gen)
+        cache.write(layer, plan.slots[layer], k, v)
+        for t in range(n):
+            s, pos = slots[int(plan.token_seq_index[t])], int(plan.positions[t])
+            for h in range(H):
+                keys[(s, layer, h, pos)] = (k[t, h], v[t, h])
+    cache.metric.view(-1)[plan.slots.reshape(-1)] = torch.rand(plan.slots.numel(), generator=gen)
+    return slots, keys
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """One query ``[D]`` over keys ``[n, D]``: (output, probabilities)."""
+    p = torch.softmax(k @ q * D**-0.5, dim=0)
+    return p @ v, p
+
+
+# --------------------------------------------------------------------------- prefill
+@pytest.mark.parametrize(("collect", "powers"), [([True, True], [2, 1]), ([False, True], [2, 2])])
+def test_prefill_writes_the_window_metric_into_each_heads_own_slots(collect, powers):
+    gen = torch.Generator().manual_seed(0)
+    cache = make_cache()
+    config = MetricConfig(window_size=3, pool_kernel=3)
+    backend = TorchAttentionBackend(cache, config)
+    fill(cache, [6], gen)  # a resident sequence whose slots must stay as they are
+    cache.metric.view(-1)[:] = torch.rand(cache.metric.numel(), generator=gen)
+    a, b = cache.allocate_seq(), cache.allocate_seq()
+    lens = [7, 5]
+    meta = _meta(cache, [a, b], lens, True, powers, collect)
+    slots = meta.append.slots
+    for layer in range(L):
+        expected = cache.metric.clone()
+        q = torch.randn(12, HQ, D, generator=gen)
+        k, v = torch.randn(2, 12, H, D, generator=gen)
+        out = backend.forward(layer, q, k, v, meta)
+        start = 0
+        for i, n in enumerate(lens):
+            end = start + n
+            qs, ks, vs = q[start:end], k[start:end], v[start:end]
+            if collect[i]:
+                w = min(config.window_size, n)
+                m = window_metric(qs[n - w :].transpose(0, 1), ks, D**-0.5, powers[i], config)
+                expected.view(-1)[slots[layer, :, start:end].reshape(-1)] = m.reshape(-1)
+            # Output: causal attention within the sequence, each query head on its KV head.
+            for t in range(n):
+                for hq in range(HQ):
+                    o, _ = attend(qs[t, hq], ks[: t + 1, hq // G], vs[: t + 1, hq // G])
+                    torch.testing.assert_close(out[start + t, hq], o, atol=ATOL, rtol=0)
+            start = end
+        torch.testing.assert_close(cache.metric, expected, atol=ATOL, rtol=0)
+        for h in range(H):  # K and V landed in each head's slots
+            assert torch.equal(cache.k_pool.view(-1, D)[slots[layer, h]], k[:, h])
+            assert torch.equal(cache.v_pool.view(-1, D)[slots[layer, h]], v[:, h])
+    # The non-collecting sequence's new KVs keep the zero metric of a fresh append.
+    for i, n in enumerate(lens):
+        first = sum(lens[:i])
+        new = cache.metric.view(-1)[slots[:, :, first : first + n].reshape(-1)]
+        assert bool((new != 0).any()) == collect[i]
+
+
+# --------------------------------------------------------------------------- decode
+def reference_decode(cache, meta, layer, q, k_new, v_new, pool_k, pool_v, buffer):
+    """Output ``[B, HQ, D]`` and the metric every held KV gains, as {flat slot: value}."""
+    out = torch.empty(len(meta.query_lens), HQ, D)
+    gained: dict[int, float] = {}
+    for b, s in enumerate(meta.seq_slots.tolist()):
+        current = int(meta.append.positions[b])
+        for h in range(H):
+            flat = held_slots(cache, layer, s, h)
+            # Old KVs from the pool as it was before the step; the newest is the step's own.
+            keys = torch.cat([pool_k[flat[:-1]], k_new[b, h : h + 1]])
+            values = torch.cat([pool_v[flat[:-1]], v_new[b, h : h + 1]])
+            contrib = torch.zeros(flat.numel())
+            for g in range(G):
+                out[b, h * G + g], p = attend(q[b, h * G + g], keys, values)
+                contrib += p ** int(meta.metric_power[b])
+            if meta.collect_metric[b]:
+                pos = cache.position.view(-1)[flat].long()
+                contrib[(current - pos) < buffer] = 0
+                for f, c in zip(flat.tolist(), contrib.tolist(), strict=True):
+                    gained[f] = c
+    return out, gained
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize(
+    ("collect", "powers", "buffer"),
+    [
+        ([True, False, True], [2, 2, 1], 0),
+        ([False, True, True], [1, 2, 2], 3),
+        ([False, False, False], [2, 2, 2], 0),  # the fused path: no probabilities at all
+    ],
+)
+def test_decode_adds_each_steps_probabilities_to_exactly_the_attended_slots(
+    compressed, collect, powers, buffer
+):
+    gen = torch.Generator().manual_seed(1)
+    cache = make_cache()
+    backend = TorchAttentionBackend(cache, MetricConfig(collection_buffer=buffer))
+    slots, _ = fill(cache, [9, 17, 4], gen)
+    if compressed:  # heads of different lengths, stale KVs past them
+        Compressor(cache).compress(
+            slots, [CompressionParams(compression_rate=3.0, protected_window=2)] * 3
+        )
+    meta = _meta(cache, slots, [1, 1, 1], False, powers, collect)
+    for layer in range(L):
+        before = cache.metric.clone()
+        pool_k, pool_v = cache.k_pool.view(-1, D).clone(), cache.v_pool.view(-1, D).clone()
+        q = torch.randn(3, HQ, D, generator=gen)
+        k, v = torch.randn(2, 3, H, D, generator=gen)
+        out = backend.forward(layer, q, k, v, meta)
+        ref_out, gained = reference_decode(cache, meta, layer, q, k, v, pool_k, pool_v, buffer)
+        torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=0)
+        expected = before.view(-1).clone()
+        for f, c in gained.items():
+            expected[f] += c
+        torch.testing.assert_close(cache.metric.view(-1), expected, atol=ATOL, rtol=0)
+        assert bool((cache.metric != before).any()) == any(collect)
+
+
+# --------------------------------------------------------------------------- after compaction
+@pytest.mark.parametrize("collect", [True, False])
+def test_decode_after_compaction_attends_to_exactly_the_kept_kvs(collect):
+    """Expected K and V come from what was written per token position, not from the pools."""
+    gen = torch.Generator().manual_seed(2)
+    cache = make_cache()
+    backend = TorchAttentionBackend(cache)
+    slots, keys = fill(cache, [13, 22], gen)
+    protected = 3
+    params = CompressionParams(compression_rate=2.5, protected_window=protected)
+    stats = Compressor(cache).compress(slots, [params, params])
+    assert stats.kvs_evicted > 0
+    assert len(set(cache.context_lens[:, slots].reshape(-1).tolist())) > 1  # ragged heads
+    meta = _meta(cache, slots, [1, 1], False, [2, 2], [collect, collect])
+    for layer in range(L):
+        q = torch.randn(2, HQ, D, generator=gen)
+        k, v = torch.randn(2, 2, H, D, generator=gen)
+        out = backend.forward(layer, q, k, v, meta)
+        for b, s in enumerate(slots):
+            seq_len = int(cache.seq_lens[s])
+            for h in range(H):
+                kept = cache.position.view(-1)[held_slots(cache, layer, s, h)].tolist()
+                assert len(set(kept)) == len(kept) == int(cache.context_lens[layer, s, h])
+                assert set(range(seq_len - 1 - protected, seq_len)) <= set(kept)
+                old = [p for p in kept if p != seq_len - 1]
+                rows_k = torch.stack([keys[(s, layer, h, p)][0] for p in old] + [k[b, h]])
+                rows_v = torch.stack([keys[(s, layer, h, p)][1] for p in old] + [v[b, h]])
+                every_k = torch.stack([keys[(s, layer, h, p)][0] for p in range(seq_len - 1)])
+                every_v = torch.stack([keys[(s, layer, h, p)][1] for p in range(seq_len - 1)])
+                for g in range(G):
+                    hq = h * G + g
+                    expected, _ = attend(q[b, hq], rows_k, rows_v)
+                    torch.testing.assert_close(out[b, hq], expected, atol=ATOL, rtol=0)
+                    if len(old) < seq_len - 1:  # eviction changed this head's answer
+                        full, _ = attend(
+                            q[b, hq],
+                            torch.cat([every_k, k[b, h : h + 1]]),
+                            torch.cat([every_v, v[b, h : h + 1]]),
+                        )
+                        assert not torch.allclose(full, expected, atol=ATOL)

@@ -1,0 +1,229 @@
+"""Compression triggers and preemption, driven without a model.
+
+A fake step does what the model runner does to the cache (``prepare_append`` for the batch,
+then a random metric for the new KVs) and what the engine does to the sequences (one output
+token each, then ``after_step``). A thin ``Compressor`` subclass records every call, with
+the scheduler's state at that moment, and then compresses for real.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from kvcompress.cache import CacheConfig, PagedKVCache
+from kvcompress.compress import CompressionParams, Compressor
+from kvcompress.engine.config import EngineConfig
+from kvcompress.engine.sampling import SamplingParams
+from kvcompress.engine.scheduler import Batch, Scheduler
+from kvcompress.engine.sequence import Sequence, SequenceStatus
+
+LAYERS, HEADS, BS = 1, 2, 2  # 2 (layer, head) rows per sequence
+
+
+class Call(NamedTuple):
+    phase: str  # "schedule" (memory short) or "after" (a trigger after a step)
+    step: int
+    slots: list[int]
+    preemptions: int  # preemptions the scheduler had made when compression was called
+    running: list[int]  # slots running at that moment
+    short: bool  # whether the running sequences' next decode did not fit
+
+
+class SpyCompressor(Compressor):
+    def __init__(self, cache: PagedKVCache) -> None:
+        super().__init__(cache)
+        self.calls: list[Call] = []
+        self.scheduler: Scheduler | None = None
+        self.phase = ("", 0)
+
+    def compress(self, seq_slots, params):
+        sched = self.scheduler
+        assert sched is not None
+        running = [s.slot for s in sched.running]
+        self.calls.append(
+            Call(*self.phase, list(seq_slots), sched.preemptions, running, short(sched))
+        )
+        return super().compress(seq_slots, params)
+
+
+def short(sched: Scheduler) -> bool:
+    slots = torch.tensor([s.slot for s in sched.running], dtype=torch.long)
+    need = sched.cache.blocks_needed(slots, torch.ones(len(slots), dtype=torch.long))
+    return need > sched.cache.num_free_blocks
+
+
+class Harness:
+    def __init__(self, blocks: int, **engine_kwargs) -> None:
+        cfg = CacheConfig(
+            num_layers=LAYERS,
+            num_kv_heads=HEADS,
+            head_dim=2,
+            block_size=BS,
+            kv_cache_memory=blocks * BS * (2 * 2 * 4 + 8),
+            max_seqs=8,
+            max_model_len=256,
+        )
+        self.cache = PagedKVCache(cfg)
+        assert self.cache.num_blocks == blocks
+        self.spy = SpyCompressor(self.cache)
+        self.config = EngineConfig(block_size=BS, **engine_kwargs)
+        self.sched = Scheduler(self.config, self.cache, self.spy)
+        self.spy.scheduler = self.sched
+        self.gen = torch.Generator().manual_seed(0)
+        self.steps = 0
+
+    def add(self, name: str, prompt_len: int, **compression) -> Sequence:
+        seq = Sequence(
+            name, list(range(prompt_len)), SamplingParams(), CompressionParams(**compression)
+        )
+        self.sched.add(seq)
+        return seq
+
+    def step(self) -> Batch | None:
+        """One engine step; ``step`` counts steps from 1."""
+        self.steps += 1
+        self.spy.phase = ("schedule", self.steps)
+        batch = self.sched.schedule()
+        if batch is None or not batch.seqs:
+            return batch
+        counts = [s.num_tokens if batch.is_prefill else 1 for s in batch.seqs]
+        slots = torch.tensor([s.slot for s in batch.seqs])
+        plan = self.cache.prepare_append(slots, torch.tensor(counts))
+        new = plan.slots.reshape(-1)
+        self.cache.metric.view(-1)[new] = torch.rand(new.numel(), generator=self.gen)
+        for seq in batch.seqs:
+            seq.output_token_ids.append(0)
+        self.spy.phase = ("after", self.steps)
+        self.sched.after_step(batch)
+        assert self.cache.audit().ok
+        return batch
+
+    def calls(self, phase: str) -> list[tuple[int, list[int]]]:
+        return [(c.step, c.slots) for c in self.spy.calls if c.phase == phase]
+
+
+def kept(cache: PagedKVCache, seq: Sequence) -> int:
+    return int(cache.context_lens[:, seq.slot].sum())
+
+
+def test_engine_config_fields_the_scheduler_reads():
+    config = EngineConfig(max_num_seqs=3, max_num_batched_tokens=40, block_size=BS)
+    assert (config.max_num_seqs, config.max_num_batched_tokens, config.block_size) == (3, 40, BS)
+    assert not config.compression.evicts  # engine default: compression off
+
+
+def test_prefill_is_followed_by_compression_of_the_evicting_sequences_only():
+    h = Harness(blocks=256)
+    a = h.add("a", 20, compression_rate=2.0, protected_window=2)
+    b = h.add("b", 20)  # no budget
+    c = h.add("c", 20, policy="full", compression_rate=4.0)  # a policy that never evicts
+    d = h.add("d", 20, max_cache_tokens=4, protected_window=2)
+    batch = h.step()
+    assert batch.is_prefill and batch.seqs == [a, b, c, d]
+    assert h.calls("schedule") == []
+    assert h.calls("after") == [(1, [a.slot, d.slot])]
+    assert (a.compressions, b.compressions, c.compressions, d.compressions) == (1, 0, 0, 1)
+    assert kept(h.cache, a) < 20 * LAYERS * HEADS
+    assert kept(h.cache, d) <= 4 * LAYERS * HEADS
+    assert kept(h.cache, b) == kept(h.cache, c) == 20 * LAYERS * HEADS
+    assert h.sched.compression_passes == 1
+
+
+def test_compression_interval_compresses_exactly_every_k_decode_steps():
+    h = Harness(blocks=512)
+    common = dict(compression_rate=2.0, protected_window=2)
+    a = h.add("a", 12, compression_interval=3, **common)
+    b = h.add("b", 12, compression_interval=2, **common)
+    c = h.add("c", 12, **common)  # only after prefill
+    h.step()
+    decode_steps = 12
+    for _ in range(decode_steps):
+        assert not h.step().is_prefill
+    assert h.calls("schedule") == []  # the pool is roomy: no trigger from memory
+    expected = [(1, [a.slot, b.slot, c.slot])]
+    for n in range(1, decode_steps + 1):
+        due = [s.slot for s, k in ((a, 3), (b, 2)) if n % k == 0]
+        if due:
+            expected.append((n + 1, due))
+    assert h.calls("after") == expected
+    assert (a.compressions, b.compressions, c.compressions) == (1 + 4, 1 + 6, 1)
+    assert (a.steps_since_compression, b.steps_since_compression) == (0, 0)
+    assert c.steps_since_compression == decode_steps
+
+
+def test_compress_once_compresses_only_after_prefill():
+    h = Harness(blocks=512)
+    common = dict(compression_rate=2.0, protected_window=2, compression_interval=1)
+    once = h.add("once", 12, compress_once=True, **common)
+    every = h.add("every", 12, **common)
+    for _ in range(6):
+        h.step()
+    calls = h.calls("after")
+    assert calls[0] == (1, [once.slot, every.slot])
+    assert calls[1:] == [(n, [every.slot]) for n in range(2, 7)]
+    assert once.compressions == 1 and not once.may_compress
+
+
+def test_short_pool_compresses_instead_of_preempting():
+    # Each prompt needs 8 blocks per row pair; compressed to 4 KVs per head they hold 4 blocks
+    # and then grow by 2 blocks every other decode step until the pool runs short.
+    h = Harness(blocks=36)
+    a = h.add("a", 16, max_cache_tokens=4, protected_window=2)
+    b = h.add("b", 16, max_cache_tokens=4, protected_window=2)
+    assert h.step().is_prefill
+    first_short = None
+    for _ in range(40):
+        if first_short is None and short(h.sched):
+            first_short = h.steps + 1
+        assert not h.step().is_prefill
+    assert first_short is not None, "the pool never ran short: the test proves nothing"
+    shortage_calls = h.calls("schedule")
+    assert shortage_calls and shortage_calls[0] == (first_short, [a.slot, b.slot])
+    assert all(c.short for c in h.spy.calls if c.phase == "schedule")
+    assert h.sched.preemptions == 0
+    assert h.sched.running == [a, b]
+    assert h.calls("after") == [(1, [a.slot, b.slot])]  # no interval: prefill only
+
+
+def test_preemption_only_after_compression_falls_short_and_takes_the_latest_admitted():
+    # a may compress but is within its budget (frees nothing); b and c never compress.
+    # c is admitted in a later step than a and b (the batch token cap), so it is the latest.
+    h = Harness(blocks=20, max_num_batched_tokens=12)
+    a = h.add("a", 6, max_cache_tokens=100)
+    b = h.add("b", 6)
+    c = h.add("c", 6, policy="full", compression_rate=8.0)
+    assert h.step().seqs == [a, b]
+    assert h.step().seqs == [c]
+    assert h.sched.running == [a, b, c] and short(h.sched)
+    running = [a.slot, b.slot, c.slot]
+    batch = h.step()  # decode: 6 blocks needed, 2 free
+    assert not batch.is_prefill and batch.seqs == [a, b]
+    calls = [c_ for c_ in h.spy.calls if c_.phase == "schedule"]
+    assert len(calls) == 1
+    assert calls[0].slots == [a.slot]
+    assert calls[0].preemptions == 0 and calls[0].short
+    assert calls[0].running == running
+    # Freeing c was enough: b stays.
+    assert h.sched.preemptions == 1 and c.preemptions == 1
+    assert c.status is SequenceStatus.WAITING and c.slot is None
+    assert h.sched.waiting[0] is c
+    assert h.sched.running == [a, b]
+    assert (c.compressions, c.steps_since_compression) == (0, 0)
+
+
+def test_sequences_that_do_not_evict_are_never_compressed():
+    h = Harness(blocks=20)
+    plain = h.add("plain", 6, compression_interval=1)
+    full = h.add("full", 6, policy="full", compression_rate=4.0, compression_interval=1)
+    rate_one = h.add("one", 6, compression_rate=1.0, compression_interval=1)
+    for _ in range(12):  # the pool runs short and sequences are preempted and recomputed
+        h.step()
+    assert h.sched.preemptions > 0
+    assert h.spy.calls == []
+    assert h.sched.compression_passes == 0
+    for seq in (plain, full, rate_one):
+        assert seq.compressions == 0
+        if seq.slot is not None:
+            assert kept(h.cache, seq) == int(h.cache.seq_lens[seq.slot]) * LAYERS * HEADS
