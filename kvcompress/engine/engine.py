@@ -21,7 +21,6 @@ from kvcompress.attention import TorchAttentionBackend
 from kvcompress.cache import CacheConfig, PagedKVCache
 from kvcompress.compress import CompressionParams, Compressor
 from kvcompress.engine.config import EngineConfig
-from kvcompress.engine.detokenizer import detokenize_step
 from kvcompress.engine.model_runner import ModelRunner
 from kvcompress.engine.outputs import (
     Capacity,
@@ -33,7 +32,8 @@ from kvcompress.engine.outputs import (
 )
 from kvcompress.engine.sampling import Sampler, SamplingParams
 from kvcompress.engine.scheduler import Scheduler
-from kvcompress.engine.sequence import Sequence, SequenceStatus
+from kvcompress.engine.sequence import Sequence
+from kvcompress.engine.stopping import check_stop
 from kvcompress.errors import (
     ContextLengthError,
     InvalidParameterError,
@@ -237,7 +237,7 @@ class LLMEngine:
             seq.output_token_ids.append(token)
             new_tokens.append([token])
             self.generation_tokens += 1
-            self._check_stop(seq, token)
+            check_stop(seq, token, self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.scheduler.after_step(batch)
         for seq, new in zip(batch.seqs, new_tokens, strict=True):
             if seq.finished and seq.slot is not None:
@@ -246,27 +246,6 @@ class LLMEngine:
                 self._requests.pop(seq.request_id, None)
             outputs.append(self._output(seq, new))
         return outputs
-
-    def _check_stop(self, seq: Sequence, token: int) -> None:
-        sp = seq.sampling
-        detokenize_step(self.tokenizer, seq.output_token_ids, seq.detokenizer)
-        text = seq.detokenizer.text
-        if (token in self.eos_token_ids and not sp.ignore_eos) or token in sp.stop_token_ids:
-            seq.output_text = text
-            seq.status = SequenceStatus.FINISHED
-            seq.finish_reason = "stop"
-            return
-        for stop in sp.stop:
-            at = text.find(stop)
-            if at >= 0:
-                seq.output_text = text[:at]
-                seq.status = SequenceStatus.FINISHED
-                seq.finish_reason = "stop"
-                return
-        seq.output_text = text
-        if len(seq.output_token_ids) >= sp.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.status = SequenceStatus.FINISHED
-            seq.finish_reason = "length"
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
@@ -289,23 +268,7 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ statistics
     def kv_stats(self, seq: Sequence) -> KVStats:
-        cache = self.cache
-        kept_grid = cache.kept_per_layer_head(seq.slot)
-        kept = int(kept_grid.sum())
-        seen = int(cache.seq_lens[seq.slot]) * self.capacity().heads
-        blocks = cache.blocks_held(seq.slot)  # from the block tables: a leak shows here
-        physical = blocks * cache.block_size
-        return KVStats(
-            kvs_seen=seen,
-            kvs_kept=kept,
-            physical_kvs=physical,
-            blocks=blocks,
-            block_size=cache.block_size,
-            compression_rate=seen / kept if kept else 1.0,
-            physical_over_theoretical=physical / kept if kept else 1.0,
-            kept_per_layer_head=kept_grid.tolist(),
-            compressions=seq.compressions,
-        )
+        return KVStats.of(self.cache, seq.slot, seq.compressions)
 
     def capacity(self) -> Capacity:
         cache = self.cache
@@ -324,7 +287,8 @@ class LLMEngine:
         slots = [seq.slot for seq in s.running]
         kept = int(self.cache.context_lens[:, slots].sum()) if slots else 0
         seen = int(self.cache.seq_lens[slots].sum()) * self.capacity().heads if slots else 0
-        held = sum(self.cache.blocks_held(slot) for slot in slots)
+        # Counted from the block tables, not from lengths: pool-used minus held is a leak.
+        held = int((self.cache.block_tables[:, slots] >= 0).sum()) if slots else 0
         return EngineStats(
             running=len(s.running),
             waiting=len(s.waiting),

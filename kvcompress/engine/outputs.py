@@ -6,6 +6,8 @@ from typing import NamedTuple
 
 import torch
 
+from kvcompress.cache import PagedKVCache
+
 
 class KVStats(NamedTuple):
     """One request's KV cache at the end of its last step.
@@ -27,6 +29,24 @@ class KVStats(NamedTuple):
 
     def as_dict(self) -> dict:
         return self._asdict()
+
+    @classmethod
+    def of(cls, cache: PagedKVCache, slot: int, compressions: int) -> KVStats:
+        kept_grid = cache.kept_per_layer_head(slot)
+        kept = int(kept_grid.sum())
+        seen = int(cache.seq_lens[slot]) * cache.num_layers * cache.num_kv_heads
+        physical = cache.physical_kvs(slot)  # from the block tables: a leak shows here
+        return cls(
+            kvs_seen=seen,
+            kvs_kept=kept,
+            physical_kvs=physical,
+            blocks=cache.blocks_held(slot),
+            block_size=cache.block_size,
+            compression_rate=seen / kept if kept else 1.0,
+            physical_over_theoretical=physical / kept if kept else 1.0,
+            kept_per_layer_head=kept_grid.tolist(),
+            compressions=compressions,
+        )
 
 
 class RequestOutput(NamedTuple):

@@ -21,7 +21,7 @@ def prose_ids(engine, n: int, offset: int = 0) -> list[int]:
 def test_paged_cache_logits_match_transformers(engine, hf_default_model):
     """Prefill then token-by-token decode through the paged cache equals a full forward."""
     ids = prose_ids(engine, 96)
-    ours = engine.teacher_force(ids[:64], ids[64:], FULL)
+    ours = engine.teacher_force(ids[:64], ids[64:], FULL).logits
     theirs = hf_logits(hf_default_model, ids)[63:-1]
     assert torch.allclose(ours, theirs, atol=2e-3, rtol=1e-3), (ours - theirs).abs().max()
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
@@ -155,3 +155,53 @@ def test_compression_after_teacher_forcing_still_works(engine):
     while engine.has_unfinished_requests():
         finals += [o for o in engine.step() if o.finished]
     assert finals[0].kv.compression_rate > 2
+
+
+def test_a_request_keeps_engine_defaults_it_does_not_give_and_can_clear_them():
+    eng = make_engine(
+        kv_cache_memory="64MiB",
+        compression=CompressionParams(
+            compression_rate=4, protected_window=8, compression_interval=2
+        ),
+    )
+    # A whole CompressionParams overrides only the fields it was given.
+    params = eng.resolve_compression(CompressionParams(sinks=4))
+    assert (params.compression_rate, params.protected_window, params.sinks) == (4, 8, 4)
+    assert params.compression_interval == 2
+    # null clears a nullable default; giving the other budget replaces the rate.
+    params = eng.resolve_compression({"compression_interval": None, "max_cache_tokens": 64})
+    assert params.compression_interval is None and params.compression_rate is None
+    assert params.max_cache_tokens == 64 and params.protected_window == 8
+    rid = eng.add_request(
+        prose_ids(eng, 300), SamplingParams(max_tokens=6), {"compression_interval": None}
+    )
+    final = next(o for o in eng.run() if o.request_id == rid and o.finished)
+    assert final.kv.compressions == 1  # after prefill only: the interval was cleared
+    rid = eng.add_request(prose_ids(eng, 300), SamplingParams(max_tokens=6, ignore_eos=True))
+    final = next(o for o in eng.run() if o.request_id == rid and o.finished)
+    assert final.kv.compressions > 1  # the engine default interval applies
+
+
+def test_memory_figures_come_from_the_block_tables_and_the_pool(engine):
+    """Inject a leak of each kind; the statistics must see it."""
+    cache = engine.cache
+    rid = engine.add_request(prose_ids(engine, 40), SamplingParams(max_tokens=50), FULL)
+    engine.step()
+    stats = engine.stats()
+    assert stats.blocks_used == stats.blocks_held == 90 * 3  # 40 tokens: 3 blocks per head
+    (state,) = engine.requests_in_flight()
+    assert state.request_id == rid and state.status == "running"
+    # A block handed out by the pool that no request references.
+    orphan = cache.pool.allocate(1)
+    stats = engine.stats()
+    assert stats.blocks_used - stats.blocks_held == 1
+    cache.pool.free(orphan)
+    # A block held by a head past what its length needs.
+    slot = engine._requests[rid].slot
+    extra = cache.pool.allocate(1)
+    cache.block_tables[0, slot, 0, 3] = extra[0]
+    kv = engine.kv_stats(engine._requests[rid])
+    assert kv.blocks == 90 * 3 + 1 and kv.physical_over_theoretical > 1
+    assert engine.stats().blocks_used == engine.stats().blocks_held
+    assert engine.abort_request(rid)  # frees every block its tables reference, the extra too
+    assert cache.num_free_blocks == cache.num_blocks

@@ -98,7 +98,9 @@ def add_compression_args(
     Nullable fields accept ``none`` to clear a default.
     """
     group = parser.add_argument_group(title)
-    budget = group.add_mutually_exclusive_group()
+    # argparse cannot print an empty exclusive group, so make it only when it gets members.
+    budgets = [name for name in BUDGET_FIELDS if name not in exclude]
+    budget = group.add_mutually_exclusive_group() if len(budgets) > 1 else group
     for spec in compression_fields():
         if spec.name in exclude:
             continue

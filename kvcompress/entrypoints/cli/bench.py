@@ -9,6 +9,10 @@ import logging
 import sys
 from collections.abc import Iterator
 
+from kvcompress.bench.decode import DecodeBenchConfig
+from kvcompress.bench.load import LoadConfig
+from kvcompress.bench.memory import MemoryBenchConfig
+from kvcompress.bench.throughput import ThroughputBenchConfig
 from kvcompress.entrypoints.cli.args import (
     add_compression_args,
     add_engine_args,
@@ -28,34 +32,37 @@ def add_bench_parser(commands) -> None:
         dest="bench", required=True
     )
     memory = bench.add_parser("memory", help="physical memory freed vs KVs evicted")
-    memory.add_argument("--prompt-len", type=int, default=2048)
-    memory.add_argument("--num-seqs", type=int, default=8)
-    memory.add_argument("--block-size", type=int, default=16)
-    memory.add_argument("--rates", type=parse_rates, default=(1, 2, 4, 8, 16, 32, 64))
-    memory.add_argument("--repeats", type=int, default=3)
+    d = MemoryBenchConfig()
+    memory.add_argument("--prompt-len", type=int, default=d.prompt_len)
+    memory.add_argument("--num-seqs", type=int, default=d.num_seqs)
+    memory.add_argument("--block-size", type=int, default=d.block_size)
+    memory.add_argument("--rates", type=parse_rates, default=d.rates)
+    memory.add_argument("--repeats", type=int, default=d.repeats)
     memory.add_argument("--json", action="store_true", help=REPORT_HELP)
     add_compression_args(memory, "compression (at every rate)", exclude=SWEPT)
     memory.set_defaults(func=run_memory)
 
     decode = bench.add_parser("decode", help="tokens/s by batch size, ours vs transformers")
-    decode.add_argument("--batch-sizes", type=parse_ints, default=(1, 8, 32))
-    decode.add_argument("--prompt-len", type=int, default=512)
-    decode.add_argument("--output-len", type=int, default=64)
-    decode.add_argument("--rate", type=float, default=8.0, help="compression rate of 'on'")
-    decode.add_argument("--model", default=None)
-    decode.add_argument("--kv-cache-memory", default="2GiB")
+    d = DecodeBenchConfig()
+    decode.add_argument("--batch-sizes", type=parse_ints, default=d.batch_sizes)
+    decode.add_argument("--prompt-len", type=int, default=d.prompt_len)
+    decode.add_argument("--output-len", type=int, default=d.output_len)
+    decode.add_argument("--rate", type=float, default=d.rate, help="compression rate of 'on'")
+    decode.add_argument("--model", default=d.model)
+    decode.add_argument("--kv-cache-memory", default=d.kv_cache_memory)
     decode.add_argument("--no-transformers", action="store_true", help="skip the baseline")
     decode.add_argument("--json", action="store_true", help=REPORT_HELP)
     add_compression_args(decode, "compression (of the 'on' runs)", exclude=SWEPT)
     decode.set_defaults(func=run_decode)
 
     tp = bench.add_parser("throughput", help="throughput at a fixed KV budget, by rate")
-    tp.add_argument("--num-prompts", type=int, default=32)
-    tp.add_argument("--input-len", type=int, default=1024)
-    tp.add_argument("--output-len", type=int, default=512)
-    tp.add_argument("--rates", type=parse_rates, default=(1, 8, 64))
-    tp.add_argument("--kv-cache-memory", default="200MiB")
-    tp.add_argument("--model", default=None)
+    d = ThroughputBenchConfig()
+    tp.add_argument("--num-prompts", type=int, default=d.num_prompts)
+    tp.add_argument("--input-len", type=int, default=d.input_len)
+    tp.add_argument("--output-len", type=int, default=d.output_len)
+    tp.add_argument("--rates", type=parse_rates, default=d.rates)
+    tp.add_argument("--kv-cache-memory", default=d.kv_cache_memory)
+    tp.add_argument("--model", default=d.model)
     tp.add_argument("--no-transformers", action="store_true", help="skip the baseline")
     tp.add_argument("--plot-dir", default=None, help="write throughput_speedup.png here")
     tp.add_argument("--json", action="store_true", help=REPORT_HELP)
@@ -63,11 +70,12 @@ def add_bench_parser(commands) -> None:
     tp.set_defaults(func=run_throughput)
 
     load = bench.add_parser("load", help="HTTP load test of the server, compression on vs off")
-    load.add_argument("--clients", type=int, default=8, help="concurrent streaming clients")
-    load.add_argument("--duration", type=float, default=30.0, help="seconds of load per rate")
-    load.add_argument("--prompt-len", type=int, default=512, help="prompt tokens")
-    load.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
-    load.add_argument("--rates", type=parse_rates, default=(1, 8), help="server default rates")
+    d = LoadConfig()
+    load.add_argument("--clients", type=int, default=d.clients, help="concurrent clients")
+    load.add_argument("--duration", type=float, default=d.duration, help="seconds per rate")
+    load.add_argument("--prompt-len", type=int, default=d.prompt_len, help="prompt tokens")
+    load.add_argument("--max-tokens", type=int, default=d.max_tokens, help="tokens per request")
+    load.add_argument("--rates", type=parse_rates, default=d.rates, help="server default rates")
     load.add_argument("--json", action="store_true", help=REPORT_HELP)
     # The default budget holds one uncompressed default request at a time.
     add_engine_args(load, kv_cache_memory="48MiB")
@@ -76,7 +84,7 @@ def add_bench_parser(commands) -> None:
 
 
 def run_memory(args: argparse.Namespace) -> int:
-    from kvcompress.bench.memory import MemoryBenchConfig, run_memory_bench
+    from kvcompress.bench.memory import run_memory_bench
     from kvcompress.report import emit_report
 
     cfg = MemoryBenchConfig(
@@ -98,7 +106,7 @@ def run_memory(args: argparse.Namespace) -> int:
 
 
 def run_decode(args: argparse.Namespace) -> int:
-    from kvcompress.bench.decode import DecodeBenchConfig, run_decode_bench
+    from kvcompress.bench.decode import run_decode_bench
     from kvcompress.report import emit_report
 
     cfg = DecodeBenchConfig(
@@ -120,11 +128,7 @@ def run_decode(args: argparse.Namespace) -> int:
 
 
 def run_throughput(args: argparse.Namespace) -> int:
-    from kvcompress.bench.throughput import (
-        ThroughputBenchConfig,
-        plot_speedup,
-        run_throughput_bench,
-    )
+    from kvcompress.bench.throughput import plot_speedup, run_throughput_bench
     from kvcompress.report import emit_report
 
     cfg = ThroughputBenchConfig(
@@ -150,7 +154,7 @@ def run_throughput(args: argparse.Namespace) -> int:
 
 
 def run_load(args: argparse.Namespace) -> int:
-    from kvcompress.bench.load import LoadConfig, ServerRun, run_load_bench
+    from kvcompress.bench.load import ServerRun, run_load_bench
     from kvcompress.bench.workload import text_prompts
     from kvcompress.engine import AsyncLLMEngine, LLMEngine
     from kvcompress.entrypoints.openai.app import build_app, model_name

@@ -30,6 +30,7 @@ from kvcompress.engine import (
     SamplingParams,
 )
 from kvcompress.entrypoints.openai import protocol as p
+from kvcompress.entrypoints.openai import responses as r
 from kvcompress.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from kvcompress.errors import (
     EngineShutdownError,
@@ -99,7 +100,7 @@ def build_app(engine: AsyncLLMEngine, served_model: str, *, manage_engine: bool 
 
     app = FastAPI(title="kvcompress", version="0.1.0", lifespan=lifespan)
     metrics = ServerMetrics(engine, served_model)
-    created = p.now()
+    created = r.now()
     app.state.engine = engine
     app.state.metrics = metrics
 
@@ -140,7 +141,7 @@ def build_app(engine: AsyncLLMEngine, served_model: str, *, manage_engine: bool 
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return p.model_list(served_model, created, engine.max_model_len)
+        return r.model_list(served_model, created, engine.max_model_len)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -176,10 +177,10 @@ def build_app(engine: AsyncLLMEngine, served_model: str, *, manage_engine: bool 
         default = COMPLETIONS_DEFAULT_MAX_TOKENS if kind == "completion" else engine.max_model_len
         sampling = body.sampling_params(default)
         compression = body.compression_overrides()
-        request_id = p.new_id("cmpl" if kind == "completion" else "chatcmpl")
+        request_id = r.new_id("cmpl" if kind == "completion" else "chatcmpl")
         param = "prompt" if kind == "completion" else "messages"
         stream = await _add(engine, prompt, sampling, compression, request_id, asked, param)
-        call = _Call(kind, request_id, p.now(), stream, body, sampling.stop, arrival)
+        call = _Call(kind, request_id, r.now(), stream, body, sampling.stop, arrival)
         if body.stream:
             return _EventStream(_sse(call, served_model, metrics), on_close=stream.abort)
         return await _complete(call, served_model, metrics, request)
@@ -233,10 +234,10 @@ async def _complete(call: _Call, model: str, metrics: ServerMetrics, request: Re
             return JSONResponse(body, status_code=503)
     if final is None:  # the client left; nobody will read this
         return Response(status_code=499)
-    build = p.completion_body if call.kind == "completion" else p.chat_body
+    build = r.completion_body if call.kind == "completion" else r.chat_body
     body = build(call.request_id, call.created, model, final.text, final.finish_reason)
-    body["usage"] = p.usage(final.prompt_tokens, len(final.token_ids))
-    body["kv"] = p.kv_dict(final.kv)
+    body["usage"] = r.usage(final.prompt_tokens, len(final.token_ids))
+    body["kv"] = r.kv_dict(final.kv)
     return JSONResponse(body)
 
 
@@ -288,7 +289,7 @@ def _sse_event(data: dict[str, Any]) -> str:
 
 async def _sse(call: _Call, model: str, metrics: ServerMetrics) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's format; a disconnect cancels this and aborts."""
-    tracker = p.DeltaTracker(call.stop)
+    tracker = r.DeltaTracker(call.stop)
     timing = _Timing(metrics, call.arrival)
     rid, created = call.request_id, call.created
     chunk: Callable[[str, str | None], dict[str, Any]]
@@ -296,18 +297,18 @@ async def _sse(call: _Call, model: str, metrics: ServerMetrics) -> AsyncIterator
         object_type = "text_completion"
 
         def chunk(text: str, finish: str | None) -> dict[str, Any]:
-            return p.completion_chunk(rid, created, model, text, finish)
+            return r.completion_chunk(rid, created, model, text, finish)
     else:
         object_type = "chat.completion.chunk"
 
         def chunk(text: str, finish: str | None) -> dict[str, Any]:
             delta = {"content": text} if text or finish is None else {}
-            return p.chat_chunk(rid, created, model, delta, finish)
+            return r.chat_chunk(rid, created, model, delta, finish)
 
     async with call.stream:
         try:
             if call.kind == "chat":
-                yield _sse_event(p.chat_chunk(rid, created, model, {"role": "assistant"}))
+                yield _sse_event(r.chat_chunk(rid, created, model, {"role": "assistant"}))
             final: RequestOutput | None = None
             async for out in call.stream:
                 timing.observe(out)
@@ -315,11 +316,11 @@ async def _sse(call: _Call, model: str, metrics: ServerMetrics) -> AsyncIterator
                 if out.finished:
                     final = out
                     last = chunk(delta, out.finish_reason)
-                    last["kv"] = p.kv_dict(out.kv)
+                    last["kv"] = r.kv_dict(out.kv)
                     yield _sse_event(last)
                     if call.body.include_usage:
-                        usage = p.usage(out.prompt_tokens, len(out.token_ids))
-                        closing = p.usage_chunk(rid, created, model, object_type, usage)
+                        usage = r.usage(out.prompt_tokens, len(out.token_ids))
+                        closing = r.usage_chunk(rid, created, model, object_type, usage)
                         closing["kv"] = last["kv"]
                         yield _sse_event(closing)
                 elif delta:

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kvcompress.engine.async_engine import AsyncLLMEngine
+from kvcompress.engine import AsyncLLMEngine
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -45,7 +45,17 @@ class EngineCollector(Collector):
         yield gauge("requests_waiting", "Requests waiting for KV memory", s.waiting)
         yield gauge("kv_blocks_total", "KV blocks in the pool", s.blocks_total)
         yield gauge("kv_blocks_free", "KV blocks free", s.blocks_free)
-        yield gauge("kv_blocks_used", "KV blocks held by requests", s.blocks_total - s.blocks_free)
+        yield gauge("kv_blocks_used", "KV blocks handed out by the pool", s.blocks_used)
+        yield gauge(
+            "kv_blocks_held",
+            "KV blocks referenced by running requests' block tables",
+            s.blocks_held,
+        )
+        yield gauge(
+            "kv_blocks_leaked",
+            "KV blocks handed out by the pool but referenced by no running request",
+            s.blocks_used - s.blocks_held,
+        )
         yield gauge("kv_block_size", "KVs per block", s.block_size)
         yield gauge("kvs_kept", "KVs kept by running requests", s.kvs_kept)
         yield gauge("kvs_seen", "KVs written by running requests", s.kvs_seen)

@@ -8,8 +8,6 @@ client can send them with ``extra_body``.
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -25,7 +23,7 @@ from pydantic import (
 )
 
 from kvcompress.compress import compression_fields
-from kvcompress.engine import KVStats, SamplingParams
+from kvcompress.engine import SamplingParams
 from kvcompress.errors import InvalidParameterError
 
 Float = Annotated[StrictFloat, Field(allow_inf_nan=False)]
@@ -239,144 +237,6 @@ class ChatCompletionRequest(CommonRequest):
             raise APIError("tools are not supported", param="tools")
         if all(not m.as_template_message()["content"].strip() for m in self.messages):
             raise APIError("the messages are all empty", param="messages")
-
-
-# ---------------------------------------------------------------------- responses
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def now() -> int:
-    return int(time.time())
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def kv_dict(kv: KVStats | None) -> dict[str, Any] | None:
-    return kv.as_dict() if kv is not None else None
-
-
-def model_list(model: str, created: int, max_model_len: int) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": model,
-                "object": "model",
-                "created": created,
-                "owned_by": "kvcompress",
-                "max_model_len": max_model_len,
-            }
-        ],
-    }
-
-
-class DeltaTracker:
-    """Turns the engine's growing full text into safe-to-send deltas.
-
-    A stream cannot take text back, so until a request finishes, text that might still
-    change is held back: a trailing U+FFFD (half of a multi-byte character) and a tail that
-    could be the start of a stop string (the engine trims a stop string once it is whole).
-    """
-
-    def __init__(self, stop: tuple[str, ...]) -> None:
-        self.stop = stop
-        self.sent = ""
-
-    def update(self, text: str, finished: bool) -> str:
-        safe = text if finished else self._stable_prefix(text)
-        if not safe.startswith(self.sent):
-            # Cannot happen with a well-behaved engine; keep going with what was sent.
-            return ""
-        delta = safe[len(self.sent) :]
-        self.sent = safe
-        return delta
-
-    def _stable_prefix(self, text: str) -> str:
-        end = len(text)
-        while end and text[end - 1] == "\ufffd":
-            end -= 1
-        hold = 0
-        for stop in self.stop:
-            for k in range(min(len(stop) - 1, end), 0, -1):
-                if text[end - k : end] == stop[:k]:
-                    hold = max(hold, k)
-                    break
-        return text[: end - hold]
-
-
-def completion_body(
-    request_id: str, created: int, model: str, text: str, finish_reason: str | None
-) -> dict[str, Any]:
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-    }
-
-
-def chat_body(
-    request_id: str, created: int, model: str, text: str, finish_reason: str | None
-) -> dict[str, Any]:
-    message = {"role": "assistant", "content": text, "refusal": None}
-    return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-        ],
-    }
-
-
-def completion_chunk(
-    request_id: str, created: int, model: str, text: str, finish_reason: str | None = None
-) -> dict[str, Any]:
-    # The legacy completions stream reuses the non-streaming object type.
-    return completion_body(request_id, created, model, text, finish_reason)
-
-
-def chat_chunk(
-    request_id: str,
-    created: int,
-    model: str,
-    delta: dict[str, Any],
-    finish_reason: str | None = None,
-) -> dict[str, Any]:
-    return {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-    }
-
-
-def usage_chunk(
-    request_id: str, created: int, model: str, object_type: str, usage_: dict[str, int]
-) -> dict[str, Any]:
-    """The extra last chunk of ``stream_options.include_usage``: no choices, only usage."""
-    return {
-        "id": request_id,
-        "object": object_type,
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [],
-        "usage": usage_,
-    }
 
 
 def validation_error(errors: list[dict[str, Any]]) -> APIError:

@@ -9,9 +9,9 @@ from kvcompress.entrypoints.openai.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
-    DeltaTracker,
     validation_error,
 )
+from kvcompress.entrypoints.openai.responses import DeltaTracker
 
 
 def error_for(model, body) -> APIError:

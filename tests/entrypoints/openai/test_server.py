@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvcompress.bench.load import LoadConfig, drive
 from kvcompress.engine import AsyncLLMEngine, EngineConfig, LLMEngine
 from kvcompress.entrypoints.openai.app import DEFAULT_MODEL_NAME, build_app
+from kvcompress.entrypoints.openai.protocol import COMPRESSION_FIELDS
 from kvcompress.entrypoints.openai.serving import BackgroundServer, free_port
 
 pytestmark = pytest.mark.slow
@@ -87,6 +88,7 @@ def wait_all_blocks_free(url: str, timeout: float = 30.0) -> dict[str, float]:
         m = metrics(url)
         idle = m["kvcompress_requests_running"] == 0 and m["kvcompress_requests_waiting"] == 0
         if idle and m["kvcompress_kv_blocks_free"] == m["kvcompress_kv_blocks_total"]:
+            assert m["kvcompress_kv_blocks_held"] == m["kvcompress_kv_blocks_leaked"] == 0
             return m
         assert time.monotonic() < deadline, f"blocks still held: {m}"
         time.sleep(0.1)
@@ -230,6 +232,8 @@ BAD_REQUESTS = [
         "not both",
     ),
     ("completions", {"prompt": "hi", "compress_once": "no"}, 400, "compress_once", "boolean"),
+    ("completions", {"prompt": "hi", "policy": None}, 400, "policy", "cannot be null"),
+    ("completions", {"prompt": "hi", "top_p": 0.0}, 400, "top_p", "greater than"),
     ("completions", {"prompt": "hi", "n": 2}, 400, "n", "n=1"),
     ("chat/completions", {"messages": []}, 400, "messages", "at least 1"),
     ("chat/completions", {"messages": "hi"}, 400, "messages", "valid list"),
@@ -269,6 +273,12 @@ def test_bad_request(server, path, body, status, param, words):
     assert words in error["message"]
     if status == 404:
         assert error["code"] == "model_not_found"
+    # Codes come from the engine's typed errors, never from reading messages.
+    codes = {"context": "context_length_exceeded", "KV cache": "kv_cache_exceeded"}
+    if words in codes:
+        assert error["code"] == codes[words]
+    if param in COMPRESSION_FIELDS and words in {">= 1", ">= 0", "not both", "unknown policy"}:
+        assert error["code"] == "invalid_parameter"
 
 
 @pytest.mark.parametrize(
