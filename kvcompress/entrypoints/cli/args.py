@@ -98,7 +98,10 @@ def add_compression_args(
     Nullable fields accept ``none`` to clear a default.
     """
     group = parser.add_argument_group(title)
-    budget = group.add_mutually_exclusive_group()
+    # argparse cannot print the usage of an empty mutually exclusive group (a command that
+    # sweeps both budgets excludes them), so the group exists only when it has options.
+    offered = [name for name in BUDGET_FIELDS if name not in exclude]
+    budget = group.add_mutually_exclusive_group() if offered else group
     for spec in compression_fields():
         if spec.name in exclude:
             continue
