@@ -7,7 +7,7 @@ uncompressed run of the same window: top-1 agreement (the fraction of positions 
 both pick the same next token) and the mean KL(full || compressed) in nats.
 
 Unlike generation scores this needs no task the model can solve, so it is a stable
-signal even for a 135M model: full agrees with itself exactly (1.0, KL 0), and a policy
+signal even for a small model: full agrees with itself exactly (1.0, KL 0), and a policy
 that drops the wrong KVs shows up as lost agreement at a handful of windows.
 
 As in the generation suites, ``full`` runs once per window and every policy's rate-1

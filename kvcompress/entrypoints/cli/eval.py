@@ -10,27 +10,16 @@ Suites:
 
 Cost. Each (policy, rate > 1) pair prefills every prompt again (the engine has no
 prefix sharing), plus one uncompressed run that serves as ``full`` at every rate and as
-every policy's rate-1 row. The defaults (ruler: niah_single + niah_multikey at 1024
-tokens, 4 samples, rates 1/4/16, all 7 policies: 13 runs x 8 prompts; fidelity: 2
-windows of 2048 + 64 tokens, 13 teacher-forced runs each) took 8.6 and 4.4 minutes on
-two shared CPU cores with the default 135M model. Add ``--lengths 1024,2048``, samples
-or windows for tighter numbers; the cost grows linearly with each.
+every policy's rate-1 row. The cost grows linearly with the lengths, samples or windows
+and with the number of such pairs; add them for tighter numbers.
 
 Chat template. RULER prompts are fed raw by default; ``--chat`` wraps context + query as
 the user message and puts the question's answer prefix ("The pass key is") after the
-assistant header. Measured on SmolLM2-135M-Instruct, full cache, 8 samples per cell
-(seeds 0 and 1 where two numbers are given):
-
-    task, length           raw        chat        chat, whole question in the user turn
-    niah_single 1024       100 / 100  100 / 100   75 (4 samples)
-    niah_single 1536       100 / 100  87.5 / 87.5
-    niah_multikey 1024     75 / 75    87.5 / 50   0 (4 samples: answers cut at 16 tokens)
-    niah_multivalue 1024   69 / 81    78 / 78
-
-So the template buys nothing on full-cache scores, and it costs the pass key under
-compression: kvcompress at rates 1/2/4 on 1536-token niah_single keeps 100/100/100 raw
-against 87.5/75/62.5 with the template. `--seed` seeds both the task generator and the
-engine (the random policy).
+assistant header. Raw is the default because a RULER question ends with that answer
+prefix, which a plain completion continues directly: the template buys nothing on
+full-cache scores and loses the pass key sooner under compression (measurements in the
+README).
+`--seed` seeds both the task generator and the engine (the random policy).
 """
 
 from __future__ import annotations
@@ -204,11 +193,10 @@ def default_chat(suite: str, has_template: bool) -> bool:
     """Whether prompts go through the chat template when neither --chat nor --no-chat is given.
 
     RULER: no. Its questions end with an answer prefix ("... The pass key is"), which a
-    plain completion continues directly; measured on SmolLM2-135M-Instruct with the full
-    cache (see the module docstring) that scores as well as or better than the template,
-    and it keeps the pass key far better under compression. LongBench: yes, as LongBench
-    itself does for instruct models (except its few-shot and code subsets, see
-    `runner.LONGBENCH_NO_CHAT`).
+    plain completion continues directly; the template buys nothing on full-cache scores
+    and loses the pass key sooner under compression (see the module docstring). LongBench:
+    yes, as LongBench itself does for instruct models (except its few-shot and code
+    subsets, see `runner.LONGBENCH_NO_CHAT`).
     """
     return suite == "longbench" and has_template
 
