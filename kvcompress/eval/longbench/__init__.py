@@ -18,6 +18,7 @@ Modules: `subsets` (the table of subsets), `data` (loading), `prompts` and `scor
 from kvcompress.eval.longbench.data import LongBenchExample, available_subsets, load_longbench
 from kvcompress.eval.longbench.prompts import (
     LongBenchPrompt,
+    fit_example,
     format_prompt,
     truncate_middle,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "SubsetSpec",
     "UnsupportedSubsetError",
     "available_subsets",
+    "fit_example",
     "format_prompt",
     "load_longbench",
     "score_longbench",

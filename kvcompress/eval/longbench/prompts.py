@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 from kvcompress.eval.longbench.data import LongBenchExample
 from kvcompress.eval.longbench.subsets import spec_for
 from kvcompress.eval.texts import TokenizerLike, encode_ids
 
-__all__ = ["LongBenchPrompt", "format_prompt", "truncate_middle"]
+__all__ = ["LongBenchPrompt", "fit_example", "format_prompt", "truncate_middle"]
 
 
 class LongBenchPrompt(NamedTuple):
@@ -48,3 +49,22 @@ def truncate_middle(text: str, tokenizer: TokenizerLike, max_tokens: int) -> str
     head = decode(ids[:half], skip_special_tokens=True)
     tail = decode(ids[len(ids) - (max_tokens - half) :], skip_special_tokens=True)
     return head + tail
+
+
+def fit_example(
+    tokenizer: TokenizerLike, subset: str, example: LongBenchExample, length: int, overhead: int
+) -> LongBenchExample:
+    """The example with its context cut in the middle so the whole prompt fits `length`.
+
+    `overhead` counts the tokens a chat template adds around the prompt; the few tokens
+    of slack cover re-tokenisation at the cut.
+    """
+    empty = format_prompt(subset, dataclasses.replace(example, context=""))
+    fixed = len(encode_ids(tokenizer, empty.text)) + overhead + 8
+    budget = length - fixed
+    if budget < 16:
+        raise ValueError(
+            f"length {length} is too short for {subset}: its prompt needs {fixed} tokens "
+            "besides the context"
+        )
+    return dataclasses.replace(example, context=truncate_middle(example.context, tokenizer, budget))

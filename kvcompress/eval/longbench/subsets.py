@@ -19,6 +19,9 @@ class SubsetSpec:
     is substituted, never re-parsed, so braces in code contexts are safe.
     `first_line_only` marks the few-shot subsets, where a model tends to continue with
     the next invented example: only the first line of its output is scored.
+    `chat` False marks the few-shot and code-completion subsets, which LongBench prompts
+    without the chat template even for instruct models: their prompts are continuations,
+    not instructions.
     """
 
     name: str
@@ -28,6 +31,7 @@ class SubsetSpec:
     question_template: str
     first_line_only: bool = False
     in_longbench_e: bool = False
+    chat: bool = True
 
 
 _SHORT_QA_CONTEXT = (
@@ -114,6 +118,7 @@ SUBSETS: dict[str, SubsetSpec] = {
             "\n{input}",
             first_line_only=True,
             in_longbench_e=True,
+            chat=False,
         ),
         SubsetSpec(
             "triviaqa",
@@ -124,6 +129,7 @@ SUBSETS: dict[str, SubsetSpec] = {
             "{input}",
             first_line_only=True,
             in_longbench_e=True,
+            chat=False,
         ),
         SubsetSpec(
             "samsum",
@@ -134,6 +140,7 @@ SUBSETS: dict[str, SubsetSpec] = {
             "{input}",
             first_line_only=True,
             in_longbench_e=True,
+            chat=False,
         ),
         SubsetSpec(
             "passage_count",
@@ -163,6 +170,7 @@ SUBSETS: dict[str, SubsetSpec] = {
             "Complete the code below.\n{context}",
             "Next line of code:\n",
             in_longbench_e=True,
+            chat=False,
         ),
         SubsetSpec(
             "repobench-p",
@@ -171,6 +179,7 @@ SUBSETS: dict[str, SubsetSpec] = {
             "Complete the code below.\n{context}",
             "{input}Next line of code:\n",
             in_longbench_e=True,
+            chat=False,
         ),
     )
 }
