@@ -7,7 +7,7 @@ uncompressed run of the same window: top-1 agreement (the fraction of positions 
 both pick the same next token) and the mean KL(full || compressed) in nats.
 
 Unlike generation scores this needs no task the model can solve, so it is a stable
-signal even for a 135M model: full agrees with itself exactly (1.0, KL 0), and a policy
+signal even for a small model: full agrees with itself exactly (1.0, KL 0), and a policy
 that drops the wrong KVs shows up as lost agreement at a handful of windows.
 
 As in the generation suites, ``full`` runs once per window and every policy's rate-1
@@ -22,17 +22,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from kvcompress.eval.runner import (
-    FULL,
-    EvalResult,
-    KeptGrid,
-    Row,
-    Setting,
-    SweepConfig,
-    _sweep_config,
-    make_progress,
-)
+from kvcompress.eval.jobs import make_progress
+from kvcompress.eval.results import EvalResult, KeptGrid, Row
 from kvcompress.eval.scoring import mean_kl, top1_agreement
+from kvcompress.eval.sweep import FULL, Setting, SweepConfig
 from kvcompress.eval.texts import pydoc_text
 
 if TYPE_CHECKING:
@@ -53,7 +46,7 @@ class FidelitySpec:
     source: str = "pydoc"
     prefix_len: int = 2048
     continuation_len: int = 64
-    num_windows: int = 4
+    num_windows: int = 2
 
     def __post_init__(self) -> None:
         if self.prefix_len < 1 or self.continuation_len < 2 or self.num_windows < 1:
@@ -135,7 +128,7 @@ def run_fidelity(
         "prefix_len": spec.prefix_len,
         "continuation_len": spec.continuation_len,
         "num_windows": spec.num_windows,
-        **_sweep_config(sweep),
+        **sweep.to_dict(),
     }
     samples: dict[tuple[str, int, Setting], list[Any]] = {
         (spec.source, spec.prefix_len, s): [m._asdict() for m in ms] for s, ms in measures.items()
@@ -153,7 +146,7 @@ def run_fidelity(
 def _force(
     engine: LLMEngine, window: Window, sweep: SweepConfig, setting: Setting
 ) -> TeacherForceResult:
-    return engine.teacher_force(window.prefix, window.continuation, sweep.compression(setting))
+    return engine.teacher_force(window.prefix, window.continuation, sweep.params(setting))
 
 
 def _rows(

@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvcompress.eval.runner import EvalResult, KeptGrid, Row
+from kvcompress.eval.results import EvalResult, KeptGrid, Row
 
 __all__ = ["plot_kept_heatmap", "plot_scores", "write_plots"]
 

@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kvcompress.eval.fidelity import FidelitySpec, run_fidelity, token_windows
-from kvcompress.eval.runner import SweepConfig
-
-from .test_runner import shared_engine
-
-
-@pytest.fixture(scope="module")
-def engine():
-    return shared_engine()
+from kvcompress.eval.sweep import SweepConfig
+from tests.eval.shared_engine import shared_engine
 
 
 def test_windows_spread_over_the_text():
@@ -35,7 +29,9 @@ def test_spec_rejects_bad_sizes():
         FidelitySpec(continuation_len=1)
 
 
-def test_full_beats_random_at_high_rate(engine):
+@pytest.mark.slow
+def test_full_beats_random_at_high_rate():
+    engine = shared_engine()
     sweep = SweepConfig(policies=("full", "kvcompress", "random"), rates=(1, 16))
     spec = FidelitySpec(prefix_len=384, continuation_len=16, num_windows=1)
     result = run_fidelity(engine, spec, sweep, progress=False)

@@ -10,27 +10,16 @@ Suites:
 
 Cost. Each (policy, rate > 1) pair prefills every prompt again (the engine has no
 prefix sharing), plus one uncompressed run that serves as ``full`` at every rate and as
-every policy's rate-1 row. The defaults (ruler: niah_single + niah_multikey at 1024
-tokens, 4 samples, rates 1/4/16, all 7 policies: 13 runs x 8 prompts; fidelity: 2
-windows of 2048 + 64 tokens, 13 teacher-forced runs each) took 8.6 and 4.4 minutes on
-two shared CPU cores with the default 135M model. Add ``--lengths 1024,2048``, samples
-or windows for tighter numbers; the cost grows linearly with each.
+every policy's rate-1 row. The cost grows linearly with the lengths, samples or windows
+and with the number of such pairs; add them for tighter numbers.
 
 Chat template. RULER prompts are fed raw by default; ``--chat`` wraps context + query as
 the user message and puts the question's answer prefix ("The pass key is") after the
-assistant header. Measured on SmolLM2-135M-Instruct, full cache, 8 samples per cell
-(seeds 0 and 1 where two numbers are given):
-
-    task, length           raw        chat        chat, whole question in the user turn
-    niah_single 1024       100 / 100  100 / 100   75 (4 samples)
-    niah_single 1536       100 / 100  87.5 / 87.5
-    niah_multikey 1024     75 / 75    87.5 / 50   0 (4 samples: answers cut at 16 tokens)
-    niah_multivalue 1024   69 / 81    78 / 78
-
-So the template buys nothing on full-cache scores, and it costs the pass key under
-compression: kvcompress at rates 1/2/4 on 1536-token niah_single keeps 100/100/100 raw
-against 87.5/75/62.5 with the template. `--seed` seeds both the task generator and the
-engine (the random policy).
+assistant header. Raw is the default because a RULER question ends with that answer
+prefix, which a plain completion continues directly: the template buys nothing on
+full-cache scores and loses the pass key sooner under compression (measurements in the
+README).
+`--seed` seeds both the task generator and the engine (the random policy).
 """
 
 from __future__ import annotations
@@ -40,25 +29,49 @@ import dataclasses
 import sys
 from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import Any
 
 from kvcompress.compress import POLICIES
-from kvcompress.entrypoints.cli.args import add_engine_args, engine_config_from_args, parse_rates
-from kvcompress.eval.longbench import SUBSETS
-from kvcompress.eval.ruler import TASKS
-from kvcompress.eval.runner import (
+from kvcompress.entrypoints.cli.args import (
+    add_compression_args,
+    add_engine_args,
+    compression_from_args,
+    engine_config_from_args,
+    parse_rates,
+)
+from kvcompress.eval import (
     DEFAULT_POLICIES,
     DEFAULT_RATES,
+    SUBSETS,
+    SWEPT_FIELDS,
+    TASKS,
     EvalResult,
+    FidelitySpec,
     LongBenchSpec,
     RulerSpec,
     SweepConfig,
+    available_subsets,
+    format_cell,
+    read_text,
+    run_fidelity,
+    run_longbench,
+    run_ruler,
+    write_plots,
 )
+from kvcompress.report import format_table, jsonable, print_json, write_csv
 
 __all__ = ["add_eval_parser", "default_chat", "evaluate", "run_eval"]
 
 SUITES = ("ruler", "fidelity", "longbench")
-DEFAULT_TASKS = ("niah_single", "niah_multikey")
-DEFAULT_LENGTHS = {"ruler": (1024,), "longbench": (2048,)}
+
+
+def _default(spec: type, name: str) -> Any:
+    """The default of a suite spec's field: the options show and use the spec's own."""
+    return next(f.default for f in dataclasses.fields(spec) if f.name == name)
+
+
+def _joined(values: Collection[Any]) -> str:
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
 # --- Argument types -----------------------------------------------------------------------
@@ -132,9 +145,8 @@ def add_eval_parser(commands) -> argparse.ArgumentParser:
         "--rates",
         type=parse_rates,
         default=DEFAULT_RATES,
-        help="requested compression rates (default: 1,4,16)",
+        help=f"requested compression rates (default: {_joined(DEFAULT_RATES)})",
     )
-    sweep.add_argument("--protected-window", type=int, default=32)
     sweep.add_argument(
         "--compress-context-only",
         action="store_true",
@@ -145,23 +157,31 @@ def add_eval_parser(commands) -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="wrap prompts in the chat template (default: off for ruler, on for longbench "
-        "when the model has a template; see the module docstring)",
+        "when the model has a template; see above)",
     )
+    add_compression_args(p, "compression (at every grid point)", exclude=SWEPT_FIELDS)
     ruler = p.add_argument_group("ruler / longbench")
     ruler.add_argument(
         "--tasks",
         type=_names(tuple(TASKS), "RULER task"),
-        default=DEFAULT_TASKS,
-        help="comma-separated, or all (default: niah_single,niah_multikey)",
+        default=_default(RulerSpec, "tasks"),
+        help=f"comma-separated, or all (default: {_joined(_default(RulerSpec, 'tasks'))})",
     )
     ruler.add_argument(
         "--lengths",
         type=_lengths(64),
         default=None,
-        help="prompt lengths in tokens, chat template included (default: 1024 for ruler, "
-        "2048 for longbench; fidelity uses --prefix-len)",
+        help="prompt lengths in tokens, chat template included (default: "
+        f"{_joined(_default(RulerSpec, 'lengths'))} for ruler, "
+        f"{_joined(_default(LongBenchSpec, 'lengths'))} for longbench; "
+        "fidelity uses --prefix-len)",
     )
-    ruler.add_argument("--num-samples", type=_positive_int, default=4)
+    ruler.add_argument(
+        "--num-samples",
+        type=_positive_int,
+        default=_default(RulerSpec, "num_samples"),
+        help="samples per task and length (default: %(default)s)",
+    )
     ruler.add_argument("--data-dir", help="LongBench folder with <subset>.jsonl files")
     ruler.add_argument(
         "--subsets",
@@ -169,12 +189,21 @@ def add_eval_parser(commands) -> argparse.ArgumentParser:
         default=None,
         help="comma-separated (default: every supported subset found in --data-dir)",
     )
-    ruler.add_argument("--limit", type=_positive_int, default=16, help="examples per subset")
+    ruler.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=_default(LongBenchSpec, "limit"),
+        help="examples per subset (default: %(default)s)",
+    )
     fid = p.add_argument_group("fidelity")
     fid.add_argument("--text-file", help="UTF-8 text (default: CPython's pydoc topics)")
-    fid.add_argument("--prefix-len", type=_positive_int, default=2048)
-    fid.add_argument("--continuation-len", type=_positive_int, default=64)
-    fid.add_argument("--num-windows", type=_positive_int, default=2)
+    for name in ("prefix_len", "continuation_len", "num_windows"):
+        fid.add_argument(
+            "--" + name.replace("_", "-"),
+            type=_positive_int,
+            default=_default(FidelitySpec, name),
+            help="(default: %(default)s)",
+        )
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="one JSON document on stdout")
     out.add_argument("--csv", metavar="PATH", help="also write the rows as CSV")
@@ -194,7 +223,7 @@ def _sweep(args: argparse.Namespace) -> SweepConfig:
     return SweepConfig(
         policies=tuple(args.policies),
         rates=tuple(args.rates),
-        protected_window=args.protected_window,
+        compression=compression_from_args(args),
         compress_context_only=args.compress_context_only,
         chat=chat,
     )
@@ -204,18 +233,20 @@ def default_chat(suite: str, has_template: bool) -> bool:
     """Whether prompts go through the chat template when neither --chat nor --no-chat is given.
 
     RULER: no. Its questions end with an answer prefix ("... The pass key is"), which a
-    plain completion continues directly; measured on SmolLM2-135M-Instruct with the full
-    cache (see the module docstring) that scores as well as or better than the template,
-    and it keeps the pass key far better under compression. LongBench: yes, as LongBench
-    itself does for instruct models (except its few-shot and code subsets, see
-    `runner.LONGBENCH_NO_CHAT`).
+    plain completion continues directly; the template buys nothing on full-cache scores
+    and loses the pass key sooner under compression (see the module docstring). LongBench:
+    yes, as LongBench itself does for instruct models (except the subsets whose
+    `SubsetSpec.chat` is False: few-shot and code completion).
     """
     return suite == "longbench" and has_template
 
 
-def _longbench_spec(args: argparse.Namespace) -> LongBenchSpec:
-    from kvcompress.eval.longbench import available_subsets
+def _lengths_given(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+    # Absent: the suite spec's own default lengths apply.
+    return {"lengths": tuple(args.lengths)} if args.lengths else {}
 
+
+def _longbench_spec(args: argparse.Namespace) -> LongBenchSpec:
     if not args.data_dir:
         raise ValueError(
             "--suite longbench needs --data-dir: a folder with one LongBench JSONL file per "
@@ -235,14 +266,10 @@ def _longbench_spec(args: argparse.Namespace) -> LongBenchSpec:
             f"LongBench subset file(s) missing from {args.data_dir}: "
             + ", ".join(f"{s}.jsonl" for s in missing)
         )
-    lengths = tuple(args.lengths or DEFAULT_LENGTHS["longbench"])
-    return LongBenchSpec(args.data_dir, tuple(subsets), lengths, args.limit)
+    return LongBenchSpec(args.data_dir, tuple(subsets), limit=args.limit, **_lengths_given(args))
 
 
-def _fidelity_spec(args: argparse.Namespace):
-    from kvcompress.eval.fidelity import FidelitySpec
-    from kvcompress.eval.texts import read_text
-
+def _fidelity_spec(args: argparse.Namespace) -> FidelitySpec:
     text, source = None, "pydoc"
     if args.text_file:
         try:
@@ -253,42 +280,31 @@ def _fidelity_spec(args: argparse.Namespace):
     return FidelitySpec(text, source, args.prefix_len, args.continuation_len, args.num_windows)
 
 
-def _spec(args: argparse.Namespace):
+def _spec(args: argparse.Namespace) -> RulerSpec | LongBenchSpec | FidelitySpec:
     if args.suite == "ruler":
-        lengths = tuple(args.lengths or DEFAULT_LENGTHS["ruler"])
-        return RulerSpec(tuple(args.tasks), lengths, args.num_samples, args.seed)
+        lengths = _lengths_given(args)
+        return RulerSpec(tuple(args.tasks), num_samples=args.num_samples, seed=args.seed, **lengths)
     if args.suite == "longbench":
         return _longbench_spec(args)
     return _fidelity_spec(args)
-
-
-def _engine(args: argparse.Namespace):
-    from kvcompress.compress import CompressionParams
-    from kvcompress.engine import LLMEngine
-
-    # Every sweep request carries its own compression parameters; the default is unused.
-    return LLMEngine(engine_config_from_args(args, compression=CompressionParams()))
 
 
 def evaluate(args: argparse.Namespace, engine=None) -> EvalResult:
     """Validate the arguments, then run the suite (on `engine`, or a new one)."""
     sweep = _sweep(args)
     spec = _spec(args)  # every argument is checked before the model loads
-    engine = engine or _engine(args)
+    if engine is None:
+        from kvcompress.engine import LLMEngine
+
+        engine = LLMEngine(engine_config_from_args(args))
     if args.chat is None:
         has_template = bool(getattr(engine.tokenizer, "chat_template", None))
         sweep = dataclasses.replace(sweep, chat=default_chat(args.suite, has_template))
     progress = not args.no_progress
-    if args.suite == "ruler":
-        from kvcompress.eval.runner import run_ruler
-
+    if isinstance(spec, RulerSpec):
         return run_ruler(engine, spec, sweep, progress)
-    if args.suite == "longbench":
-        from kvcompress.eval.runner import run_longbench
-
+    if isinstance(spec, LongBenchSpec):
         return run_longbench(engine, spec, sweep, progress)
-    from kvcompress.eval.fidelity import run_fidelity
-
     return run_fidelity(engine, spec, sweep, progress)
 
 
@@ -309,25 +325,22 @@ def _summary(result: EvalResult) -> str:
         what += f"; {mode}, chat template {'on' if c['chat'] else 'off'}"
     return (
         f"kvcompress eval --suite {result.suite}: {what}; protected window "
-        f"{c['protected_window']}; {result.seconds:.0f} s"
+        f"{c['compression']['protected_window']}; {result.seconds:.0f} s"
     )
 
 
 def run_eval(args: argparse.Namespace, engine=None) -> int:
     """The ``eval`` handler; `engine` lets a caller (a test) reuse a loaded model."""
-    from kvcompress.eval.report import format_table, print_json, write_csv
-
     result = evaluate(args, engine)
+    rows = [row.as_dict() for row in result.rows]
     if args.json:
-        print_json(result)
+        print_json(jsonable(result.document()))
     else:
         print(_summary(result))
-        print(format_table(result.rows))
+        print(format_table(rows, format_cell))
     if args.csv:
-        print(f"wrote {write_csv(result.rows, args.csv)}", file=sys.stderr)
+        print(f"wrote {write_csv(rows, args.csv)}", file=sys.stderr)
     if args.plot_dir:
-        from kvcompress.eval.plots import write_plots
-
         for path in write_plots(result, args.plot_dir):
             print(f"wrote {path}", file=sys.stderr)
     return 0

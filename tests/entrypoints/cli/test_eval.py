@@ -7,9 +7,10 @@ import json
 
 import pytest
 
+from kvcompress.compress import compression_fields
 from kvcompress.entrypoints.cli.eval import add_eval_parser, default_chat, evaluate, run_eval
-
-from .test_runner import shared_engine
+from kvcompress.eval import SWEPT_FIELDS
+from tests.eval.shared_engine import shared_engine
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -32,6 +33,9 @@ def parse(*argv: str) -> argparse.Namespace:
         (["--subsets", "dureader"], "unknown LongBench subset dureader"),
         (["--suite", "mmlu"], "invalid choice"),
         (["--num-samples", "0"], "expected a number >= 1"),
+        # The grid sets the policy and the budget; the other compression fields are options.
+        (["--compression-rate", "4"], "unrecognized arguments"),
+        (["--max-cache-tokens", "64"], "unrecognized arguments"),
     ],
 )
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):
@@ -46,6 +50,21 @@ def test_all_expands_to_every_name():
     assert args.policies[0] == "full" and len(args.policies) == 7
     assert len(args.tasks) == 7
     assert args.rates == (1, 2.5, 8)
+
+
+def test_compression_options_are_the_schema_fields_the_grid_does_not_set():
+    args = parse("--protected-window", "16", "--sinks", "4", "--metric", "l1-sum")
+    assert (args.protected_window, args.sinks, args.metric) == (16, 4, "l1-sum")
+    parser = argparse.ArgumentParser(prog="kvcompress")
+    eval_parser = add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    offered = {action.dest for action in eval_parser._actions}
+    schema = {spec.name for spec in compression_fields()}
+    assert schema - offered == set(SWEPT_FIELDS)
+
+
+def test_bad_compression_option_fails_before_the_model_loads():
+    with pytest.raises(ValueError, match="protected_window must be an integer >= 0"):
+        evaluate(parse("--protected-window", "-1"))
 
 
 def test_chat_template_defaults():
@@ -89,6 +108,7 @@ def engine():
     return shared_engine()
 
 
+@pytest.mark.slow
 def test_fidelity_json_csv_and_plots(engine, tmp_path, capsys):
     args = parse(
         "--suite", "fidelity", "--prefix-len", "256", "--continuation-len", "8",
@@ -107,6 +127,9 @@ def test_fidelity_json_csv_and_plots(engine, tmp_path, capsys):
     assert {"agreement", "kl", "achieved_rate", "num_samples"} <= rows[-1].keys()
     assert "score" not in rows[-1]
     assert document["kept_per_layer_head"]["rate"] == 8
+    swept = set(SWEPT_FIELDS)
+    defaults = {s.name: s.default for s in compression_fields() if s.name not in swept}
+    assert document["config"]["compression"] == defaults
     csv_lines = (tmp_path / "rows.csv").read_text().splitlines()
     assert csv_lines[0].split(",")[-3:] == ["agreement", "kl", "num_samples"]
     assert len(csv_lines) == 5
@@ -115,15 +138,17 @@ def test_fidelity_json_csv_and_plots(engine, tmp_path, capsys):
     assert "wrote" in out.err
 
 
+@pytest.mark.slow
 def test_ruler_table_with_context_compressed_first(engine, capsys):
     args = parse(
         "--tasks", "niah_single", "--lengths", "256", "--num-samples", "1",
         "--policies", "full,kvcompress", "--rates", "1,4", "--compress-context-only",
-        "--chat", "--no-progress",
+        "--chat", "--protected-window", "16", "--no-progress",
     )  # fmt: skip
     assert run_eval(args, engine) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "context compressed before the question" in lines[0]
+    assert "protected window 16" in lines[0]
     assert "chat template on" in lines[0]
     assert lines[1].split() == [
         "suite", "task", "length", "policy", "rate", "achieved_rate", "score", "num_samples"
@@ -131,6 +156,7 @@ def test_ruler_table_with_context_compressed_first(engine, capsys):
     assert len(lines) == 2 + 4
 
 
+@pytest.mark.slow
 def test_longbench_subset_from_local_file(engine, tmp_path, capsys):
     example = {
         "input": "Which city is the capital of the country where the Loire flows?",
