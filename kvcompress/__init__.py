@@ -1,28 +1,32 @@
-"""kvcompress: KV-Compress on a KV cache paged per (layer, KV head)."""
+"""kvcompress: KV-Compress on a KV cache paged per (layer, KV head).
 
+The public API: the offline ``LLM``, the engine (``LLMEngine``, ``EngineConfig``) and the
+parameters of a request (``SamplingParams``, ``CompressionParams``). Errors are in
+:mod:`kvcompress.errors`.
+"""
+
+from importlib import import_module
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "CompressionParams", "SamplingParams"]
+__all__ = ["LLM", "CompressionParams", "EngineConfig", "LLMEngine", "SamplingParams"]
 
 if TYPE_CHECKING:
     from kvcompress.compress import CompressionParams
-    from kvcompress.engine import SamplingParams
+    from kvcompress.engine import EngineConfig, LLMEngine, SamplingParams
     from kvcompress.entrypoints.llm import LLM
+
+# Lazy, so that `import kvcompress.cache` does not pull in transformers.
+_HOMES = {
+    "LLM": "kvcompress.entrypoints.llm",
+    "CompressionParams": "kvcompress.compress",
+    "EngineConfig": "kvcompress.engine",
+    "LLMEngine": "kvcompress.engine",
+    "SamplingParams": "kvcompress.engine",
+}
 
 
 def __getattr__(name: str):
-    # Lazy, so that `import kvcompress.cache` does not pull in transformers.
-    if name == "LLM":
-        from kvcompress.entrypoints.llm import LLM
-
-        return LLM
-    if name == "SamplingParams":
-        from kvcompress.engine import SamplingParams
-
-        return SamplingParams
-    if name == "CompressionParams":
-        from kvcompress.compress import CompressionParams
-
-        return CompressionParams
+    if name in _HOMES:
+        return getattr(import_module(_HOMES[name]), name)
     raise AttributeError(f"module 'kvcompress' has no attribute {name!r}")

@@ -30,3 +30,68 @@ def test_what_evicts():
     assert not CompressionParams("full", max_cache_tokens=4).evicts
     assert CompressionParams("h2o", metric="l2-sum").power == 1
     assert CompressionParams(metric="l2-avg").power == 2
+
+
+def test_errors_are_typed_and_name_their_field():
+    from kvcompress.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError) as info:
+        CompressionParams(protected_window=-1)
+    assert info.value.param == "protected_window" and info.value.code == "invalid_parameter"
+
+
+def test_fields_set_records_what_the_caller_gave():
+    assert CompressionParams().fields_set == frozenset()
+    assert CompressionParams("uniform", compression_rate=4).fields_set == {
+        "policy",
+        "compression_rate",
+    }
+
+
+def test_with_overrides_keeps_what_is_not_given_and_clears_what_is_none():
+    defaults = CompressionParams(compression_rate=4, protected_window=64, compression_interval=8)
+    assert defaults.with_overrides() == defaults
+    assert defaults.with_overrides(sinks=2).protected_window == 64
+    cleared = defaults.with_overrides({"compression_interval": None})
+    assert cleared.compression_interval is None and cleared.compression_rate == 4
+    # A whole CompressionParams applies only the fields it was given.
+    merged = defaults.with_overrides(CompressionParams(policy="h2o"))
+    assert (merged.policy, merged.compression_rate, merged.protected_window) == ("h2o", 4, 64)
+    # Giving one budget clears the other; giving both is still an error.
+    assert defaults.with_overrides(max_cache_tokens=32).compression_rate is None
+    with pytest.raises(ValueError, match="not both"):
+        defaults.with_overrides(max_cache_tokens=32, compression_rate=2)
+    # Overrides stack: fields given at each level are remembered.
+    assert merged.with_overrides(sinks=1).fields_set >= {"policy", "sinks", "compression_rate"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "param", "match"),
+    [
+        ({"protected_windw": 3}, "protected_windw", "unknown compression field"),
+        ({"policy": None}, "policy", "cannot be null"),
+        ({"sinks": "2"}, "sinks", "integer"),
+        ({"compress_once": 1}, "compress_once", "boolean"),
+        ({"compression_rate": True}, "compression_rate", "number"),
+    ],
+)
+def test_bad_overrides_name_their_field(overrides, param, match):
+    with pytest.raises(ValueError, match=match) as info:
+        CompressionParams().with_overrides(overrides)
+    assert info.value.param == param
+
+
+def test_the_schema_lists_every_field_with_its_default_and_help():
+    import dataclasses
+
+    from kvcompress.compress import compression_fields
+
+    specs = compression_fields()
+    assert [s.name for s in specs] == [f.name for f in dataclasses.fields(CompressionParams)]
+    defaults = CompressionParams()
+    for spec in specs:
+        assert getattr(defaults, spec.name) == spec.default and spec.help
+        assert spec.type in (int, float, str, bool)
+    nullable = {s.name for s in specs if s.nullable}
+    assert nullable == {"compression_rate", "max_cache_tokens", "compression_interval"}
+    assert CompressionParams(compression_rate=2).to_dict()["compression_rate"] == 2

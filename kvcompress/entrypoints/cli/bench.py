@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Iterator
+from typing import TypeVar
 
 from kvcompress.bench.decode import DecodeBenchConfig
 from kvcompress.bench.load import LoadConfig
@@ -24,6 +25,7 @@ from kvcompress.entrypoints.cli.args import (
 
 # The rates are swept; the other compression fields apply at every rate.
 SWEPT = ("compression_rate", "max_cache_tokens")
+T = TypeVar("T")
 REPORT_HELP = "one JSON document on stdout"
 
 
@@ -83,18 +85,23 @@ def add_bench_parser(commands) -> None:
     load.set_defaults(func=run_load)
 
 
+def _config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """A benchmark config from the options named like its fields (the options were made
+    from the same config's defaults); ``compression`` from the compression options."""
+    options = vars(args)
+    values = {f.name: options[f.name] for f in dataclasses.fields(cls) if f.name in options}
+    if "transformers_baseline" in {f.name for f in dataclasses.fields(cls)}:
+        values["transformers_baseline"] = not args.no_transformers
+    if "compression" in {f.name for f in dataclasses.fields(cls)}:
+        values["compression"] = compression_from_args(args)
+    return cls(**values)
+
+
 def run_memory(args: argparse.Namespace) -> int:
     from kvcompress.bench.memory import run_memory_bench
     from kvcompress.report import emit_report
 
-    cfg = MemoryBenchConfig(
-        prompt_len=args.prompt_len,
-        num_seqs=args.num_seqs,
-        block_size=args.block_size,
-        rates=args.rates,
-        repeats=args.repeats,
-        compression=compression_from_args(args),
-    )
+    cfg = _config_from_args(MemoryBenchConfig, args)
     header = (
         f"memory benchmark: {cfg.num_seqs} sequences x {cfg.prompt_len} tokens, "
         f"{cfg.num_layers} layers x {cfg.num_kv_heads} KV heads x head dim {cfg.head_dim}, "
@@ -109,16 +116,7 @@ def run_decode(args: argparse.Namespace) -> int:
     from kvcompress.bench.decode import run_decode_bench
     from kvcompress.report import emit_report
 
-    cfg = DecodeBenchConfig(
-        batch_sizes=args.batch_sizes,
-        prompt_len=args.prompt_len,
-        output_len=args.output_len,
-        rate=args.rate,
-        model=args.model,
-        kv_cache_memory=args.kv_cache_memory,
-        transformers_baseline=not args.no_transformers,
-        compression=compression_from_args(args),
-    )
+    cfg = _config_from_args(DecodeBenchConfig, args)
     header = (
         f"decode benchmark: prompts of {cfg.prompt_len} tokens, {cfg.output_len} generated, "
         f"compression 'on' = {cfg.compression.policy} at rate {cfg.rate}; tokens/s"
@@ -131,16 +129,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     from kvcompress.bench.throughput import plot_speedup, run_throughput_bench
     from kvcompress.report import emit_report
 
-    cfg = ThroughputBenchConfig(
-        num_prompts=args.num_prompts,
-        input_len=args.input_len,
-        output_len=args.output_len,
-        rates=args.rates,
-        kv_cache_memory=args.kv_cache_memory,
-        model=args.model,
-        transformers_baseline=not args.no_transformers,
-        compression=compression_from_args(args),
-    )
+    cfg = _config_from_args(ThroughputBenchConfig, args)
     rows = run_throughput_bench(cfg)
     header = (
         f"throughput benchmark: {cfg.num_prompts} prompts x {cfg.input_len} tokens in, "
@@ -161,13 +150,7 @@ def run_load(args: argparse.Namespace) -> int:
     from kvcompress.entrypoints.openai.serving import BackgroundServer
     from kvcompress.report import emit_report
 
-    cfg = LoadConfig(
-        clients=args.clients,
-        duration=args.duration,
-        prompt_len=args.prompt_len,
-        max_tokens=args.max_tokens,
-        rates=args.rates,
-    )
+    cfg = _config_from_args(LoadConfig, args)
     base = engine_config_from_args(args)
 
     @contextlib.contextmanager

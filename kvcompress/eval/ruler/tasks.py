@@ -57,8 +57,10 @@ _MAGIC_PREAMBLE = (
 )
 
 
-def _plan_niah_multikey(rng: random.Random, cfg: RulerConfig, budget: Budget) -> Plan:
-    hay = draw_haystack(rng, cfg)
+def _keyed_needles(
+    rng: random.Random, cfg: RulerConfig, hay: Haystack
+) -> tuple[list[str], list[str], list[tuple[float, str]]]:
+    """``cfg.num_keys`` fresh keys, a number for each, and their needles at random depths."""
     keys = vocab.fresh(rng, vocab.key, cfg.num_keys, hay.source)
     values = vocab.fresh(rng, vocab.number(cfg.value_digits), cfg.num_keys, hay.source)
     depths = needle_depths(rng, cfg, cfg.num_keys)
@@ -66,6 +68,12 @@ def _plan_niah_multikey(rng: random.Random, cfg: RulerConfig, budget: Budget) ->
         (d, f"The special magic number for {k} is {v}.")
         for d, k, v in zip(depths, keys, values, strict=True)
     ]
+    return keys, values, needles
+
+
+def _plan_niah_multikey(rng: random.Random, cfg: RulerConfig, budget: Budget) -> Plan:
+    hay = draw_haystack(rng, cfg)
+    keys, values, needles = _keyed_needles(rng, cfg, hay)
     # The first needle is the queried one, so `depth` controls where the answer sits.
     return _niah_plan(
         hay,
@@ -100,13 +108,7 @@ def _plan_niah_multivalue(rng: random.Random, cfg: RulerConfig, budget: Budget) 
 
 def _plan_niah_multiquery(rng: random.Random, cfg: RulerConfig, budget: Budget) -> Plan:
     hay = draw_haystack(rng, cfg)
-    keys = vocab.fresh(rng, vocab.key, cfg.num_keys, hay.source)
-    values = vocab.fresh(rng, vocab.number(cfg.value_digits), cfg.num_keys, hay.source)
-    depths = needle_depths(rng, cfg, cfg.num_keys)
-    needles = [
-        (d, f"The special magic number for {k} is {v}.")
-        for d, k, v in zip(depths, keys, values, strict=True)
-    ]
+    keys, values, needles = _keyed_needles(rng, cfg, hay)
     asked = _join_keys(keys[: cfg.num_queries])
     return _niah_plan(
         hay,
