@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvcompress.attention.metadata import AttentionMetadata
+from kvcompress.attention.metadata import AttentionMetadata, DecodeMetadata
 from kvcompress.cache import PagedKVCache
 from kvcompress.compress import MetricConfig, decode_metric, window_metric
 from kvcompress.compress.workspace import Workspace
@@ -34,7 +34,10 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         cache = self.cache
         slots = meta.append.slots[layer]  # [H, N]
-        cache.write(layer, slots, k.to(cache.k_pool.dtype), v.to(cache.v_pool.dtype))
+        dtype = cache.k_pool.dtype
+        if k.dtype != dtype:
+            k, v = k.to(dtype), v.to(dtype)
+        cache.write(layer, slots, k, v)
         if meta.is_prefill:
             return self._prefill(layer, q, k, v, slots, meta)
         return self._decode(layer, q, meta)
@@ -45,14 +48,13 @@ class TorchAttentionBackend:
         scale = q.shape[-1] ** -0.5
         start = 0
         # One sequence at a time: prefill batches are few and ragged.
-        for i, n in enumerate(meta.query_lens):
+        for n, power in zip(meta.query_lens, meta.metric_powers, strict=True):
             end = start + n
             qs, ks = q[start:end], k[start:end]
             out[start:end] = self._causal(qs, ks, v[start:end], scale)
-            if meta.collect_metric[i]:
+            if power:
                 w = min(self.metric_config.window_size, n)
                 q_win = qs[n - w :].transpose(0, 1)  # [Hq, w, D]
-                power = int(meta.metric_power[i])
                 metric = window_metric(q_win, ks, scale, power, self.metric_config)
                 self.cache.metric.view(-1)[slots[:, start:end].reshape(-1)] = metric.reshape(-1)
             start = end
@@ -73,59 +75,58 @@ class TorchAttentionBackend:
         return o[0].transpose(0, 1)
 
     # ------------------------------------------------------------------ decode
-    def _gather(self, tables: torch.Tensor, lens: torch.Tensor, max_blocks: int):
-        """K, V ``[B, H, W, D]``, flat slots ``[B, H, W]`` and validity of held KVs."""
+    def _gather(self, layer: int, d: DecodeMetadata, batch: int):
+        """This layer's K and V of every head of the batch, ``[B, H, W, D]``."""
         cache = self.cache
-        bs = cache.block_size
-        B, H = lens.shape
-        blocks = tables[:, :, : max(1, max_blocks)].clamp(min=0)
-        index = blocks.reshape(-1)
-        d = cache.head_dim
-        shape = (index.numel(), bs, d)
+        index = d.blocks[layer]
+        shape = (index.numel(), cache.block_size, cache.head_dim)
         ws = self.workspace
         k = torch.index_select(cache.k_pool, 0, index, out=ws.get("k", shape, cache.k_pool.dtype))
         v = torch.index_select(cache.v_pool, 0, index, out=ws.get("v", shape, cache.v_pool.dtype))
-        W = blocks.shape[-1] * bs
-        offsets = torch.arange(bs, device=lens.device)
-        key_slots = (blocks.unsqueeze(-1) * bs + offsets).reshape(B, H, W)
-        valid = torch.arange(W, device=lens.device) < lens.unsqueeze(-1)
-        return k.view(B, H, W, d), v.view(B, H, W, d), key_slots, valid
+        view = (batch, cache.num_kv_heads, d.width, cache.head_dim)
+        return k.view(view), v.view(view)
 
     def _decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        cache = self.cache
-        tables, lens = cache.tables_for(layer, meta.seq_slots)
-        k, v, key_slots, valid = self._gather(tables, lens, meta.max_blocks)
-        B, H, _, D = k.shape
-        Hq = q.shape[1]
-        group = Hq // H
+        d = meta.decode
+        assert d is not None, "decode metadata is built by build_metadata"
+        B, Hq, D = q.shape
+        k, v = self._gather(layer, d, B)
+        H = k.shape[1]
+        # Each KV head's query heads as the rows of one query block ([B, H, G, D]): every
+        # head's mask then broadcasts over its group, with no per-head copy of the mask.
+        qh = q.view(B, H, Hq // H, D)
+        if qh.dtype != k.dtype:
+            qh = qh.to(k.dtype)
+        valid = (d.offsets < d.lens[layer]).unsqueeze(2)  # [B, H, 1, W]
         if not meta.any_metric:
             # No sequence needs the probabilities: one fused kernel does it all.
-            out = F.scaled_dot_product_attention(
-                q.view(B, Hq, 1, D).to(k.dtype),
-                k,
-                v,
-                attn_mask=valid.view(B, H, 1, -1).repeat_interleave(group, dim=1),
-                enable_gqa=True,
-            )
-            return out.reshape(B, Hq, D).to(q.dtype)
-        qh = q.view(B, H, group, D)
-        logits = torch.matmul(qh, k.transpose(-1, -2)).float() * D**-0.5  # [B, H, G, W]
-        logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        out = torch.matmul(probs.to(v.dtype), v)  # [B, H, G, D]
-        self._accumulate(probs, key_slots, valid, meta)
-        return out.reshape(B, Hq, D).to(q.dtype)
+            out = F.scaled_dot_product_attention(qh, k, v, attn_mask=valid)
+        else:
+            logits = torch.matmul(qh, k.transpose(-1, -2)).float() * D**-0.5  # [B, H, G, W]
+            logits = logits.masked_fill_(~valid, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            out = torch.matmul(probs.to(v.dtype), v)  # [B, H, G, D]
+            self._accumulate(layer, probs, valid, meta)
+        out = out.reshape(B, Hq, D)
+        return out if out.dtype == q.dtype else out.to(q.dtype)
 
-    def _accumulate(self, probs, key_slots, valid, meta: AttentionMetadata) -> None:
+    def _accumulate(self, layer: int, probs, valid, meta: AttentionMetadata) -> None:
+        """Add this step's probabilities to the metric of every KV they attended to."""
+        d = meta.decode
+        assert d is not None
         B, H, G, W = probs.shape
-        power = torch.where(
-            torch.tensor(meta.collect_metric, device=probs.device), meta.metric_power, 0
-        )
-        contrib = decode_metric(probs.reshape(B, H * G, W), power, H)  # [B, H, W]
-        keep = valid & (power.view(B, 1, 1) > 0)
+        bs = self.cache.block_size
+        # Flat slot of every gathered KV (padding maps into block 0 and adds exactly 0).
+        blocks = d.blocks[layer].view(B, H, -1, 1)
+        key_slots = (blocks * bs + d.offsets[:bs]).view(B, H, W)
+        power = meta.metric_power  # 0 where a sequence collects nothing
+        contrib = decode_metric(probs.view(B, H * G, W), power, H)  # [B, H, W]
+        keep = valid.view(B, H, W) & (power.view(B, 1, 1) > 0)
         buffer = self.metric_config.collection_buffer
         if buffer:
             positions = self.cache.position.view(-1)[key_slots].long()
             current = meta.append.positions.view(B, 1, 1)
             keep &= (current - positions) >= buffer
-        self.cache.metric.view(-1).index_add_(0, key_slots[keep], contrib[keep])
+        # Every gathered slot, zero where not kept: no boolean indexing (a device sync).
+        contrib = torch.where(keep, contrib, 0.0)
+        self.cache.metric.view(-1).index_add_(0, key_slots.view(-1), contrib.view(-1))

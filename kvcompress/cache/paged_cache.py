@@ -15,6 +15,7 @@ Every per-step operation is tensor code over all (layer, sequence, head) rows at
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -33,6 +34,9 @@ class AppendPlan(NamedTuple):
     slots: torch.Tensor  # [num_layers, num_kv_heads, N] long
     positions: torch.Tensor  # [N] long
     token_seq_index: torch.Tensor  # [N] long: index into the step's seq_slots
+    # KVs held by the fullest (layer, sequence, head) row of the append, after it: the width
+    # a decode step gathers, known on the host without another device sync.
+    max_context_len: int = 0
 
 
 class HeadView(NamedTuple):
@@ -99,12 +103,17 @@ class CacheAudit(NamedTuple):
         )
 
 
+def debug_from_env() -> bool:
+    """``KVCOMPRESS_DEBUG`` set to anything but empty or ``0``."""
+    return os.environ.get("KVCOMPRESS_DEBUG", "") not in ("", "0")
+
+
 def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
     return torch.div(a + (b - 1), b, rounding_mode="floor")
 
 
 class PagedKVCache:
-    def __init__(self, config: CacheConfig) -> None:
+    def __init__(self, config: CacheConfig, debug_checks: bool | None = None) -> None:
         self.config = config
         c = config
         dev = c.device
@@ -125,6 +134,11 @@ class PagedKVCache:
         self.seq_lens = torch.zeros(c.max_seqs, dtype=torch.long, device=dev)
         self._free_seq_slots = list(range(c.max_seqs - 1, -1, -1))
         self._seq_in_use = [False] * c.max_seqs
+        self._layer_index = torch.arange(c.num_layers, device=dev)
+        self._head_index = torch.arange(c.num_kv_heads, device=dev)
+        # Full argument checks on every append (see prepare_append): off by default for
+        # speed, on with KVCOMPRESS_DEBUG=1 (the test suite sets it) or debug_checks=True.
+        self.debug_checks = debug_checks if debug_checks is not None else debug_from_env()
 
     # ----------------------------------------------------------------- sequences
     def allocate_seq(self) -> int:
@@ -169,33 +183,37 @@ class PagedKVCache:
 
         Writes positions and a zero metric for the new slots; K and V are written per layer
         by :meth:`write`. Raises :class:`OutOfBlocksError` before changing anything when the
-        pool is short.
+        pool is short. Arguments are checked fully only with :attr:`debug_checks` (each
+        check costs Python loops or device syncs every step); ``max_model_len`` always.
         """
         seq_slots = seq_slots.to(device=self.config.device, dtype=torch.long)
         num_tokens = num_tokens.to(device=self.config.device, dtype=torch.long)
         if seq_slots.numel() != num_tokens.numel():
             raise ValueError("seq_slots and num_tokens must have the same length")
-        if bool((num_tokens < 0).any()):
-            raise ValueError("num_tokens must be non-negative")
-        slot_list = seq_slots.tolist()
-        if len(set(slot_list)) != len(slot_list):
-            raise ValueError("a sequence may appear only once in an append")
-        self._check_live(slot_list)
-        new_seq_lens = self.seq_lens[seq_slots] + num_tokens
-        if bool((new_seq_lens > self.config.max_model_len).any()):
-            raise ValueError(
-                f"append would exceed max_model_len={self.config.max_model_len} tokens"
-            )
+        if self.debug_checks:
+            self._check_append(seq_slots, num_tokens)
 
         bs = self.block_size
         L, H = self.num_layers, self.num_kv_heads
         B = seq_slots.numel()
         dev = self.config.device
+        if B == 0:
+            empty = torch.empty(0, dtype=torch.long, device=dev)
+            return AppendPlan(torch.empty(L, H, 0, dtype=torch.long, device=dev), empty, empty)
         lens = self.context_lens[:, seq_slots, :]  # [L, B, H]
+        new_lens = lens + num_tokens.view(1, -1, 1)
         old_nb = _ceil_div(lens, bs)
-        new_nb = _ceil_div(lens + num_tokens.view(1, -1, 1), bs)
-        need = (new_nb - old_nb).reshape(-1)
-        total = int(need.sum().item())
+        need = (_ceil_div(new_lens, bs) - old_nb).reshape(-1)
+        start_pos = self.seq_lens[seq_slots]
+        new_seq_lens = start_pos + num_tokens
+        # Everything the host needs from the device, in one sync.
+        total, n_total, most, longest, max_seq_len = torch.stack(
+            (need.sum(), num_tokens.sum(), num_tokens.max(), new_lens.max(), new_seq_lens.max())
+        ).tolist()
+        if max_seq_len > self.config.max_model_len:
+            raise ValueError(
+                f"append would exceed max_model_len={self.config.max_model_len} tokens"
+            )
         blocks = self.pool.allocate(total)  # raises before any change
 
         if total:
@@ -208,26 +226,40 @@ class PagedKVCache:
             self.block_tables[layer_idx, seq_idx, head_idx, col] = blocks
 
         # Slot of every new token in every (layer, head).
-        n_total = int(num_tokens.sum().item())
-        tok_seq = torch.repeat_interleave(torch.arange(B, device=dev), num_tokens)
-        tok_first = (torch.cumsum(num_tokens, 0) - num_tokens)[tok_seq]
-        t = torch.arange(n_total, device=dev) - tok_first  # offset within its sequence's append
-        logical = lens[:, tok_seq, :] + t.view(1, -1, 1)  # [L, N, H]
+        if most == 1 and n_total == B:  # decode: one token each, no ragged bookkeeping
+            tok_seq = torch.arange(B, device=dev)
+            logical = lens  # [L, N, H]
+            positions = start_pos
+            seq_of_tok = seq_slots
+        else:
+            tok_seq = torch.repeat_interleave(torch.arange(B, device=dev), num_tokens)
+            tok_first = (torch.cumsum(num_tokens, 0) - num_tokens)[tok_seq]
+            t = torch.arange(n_total, device=dev) - tok_first  # offset within its append
+            logical = lens[:, tok_seq, :] + t.view(1, -1, 1)  # [L, N, H]
+            positions = start_pos[tok_seq] + t
+            seq_of_tok = seq_slots[tok_seq]
         block = self.block_tables[
-            torch.arange(L, device=dev).view(L, 1, 1),
-            seq_slots[tok_seq].view(1, -1, 1),
-            torch.arange(H, device=dev).view(1, 1, H),
+            self._layer_index.view(L, 1, 1),
+            seq_of_tok.view(1, -1, 1),
+            self._head_index.view(1, 1, H),
             torch.div(logical, bs, rounding_mode="floor"),
         ]
         slots = (block * bs + logical % bs).permute(0, 2, 1).contiguous()  # [L, H, N]
-        positions = self.seq_lens[seq_slots][tok_seq] + t
 
-        flat = slots.reshape(-1)
+        flat = slots.view(-1)
         self.position.view(-1)[flat] = positions.to(torch.int32).repeat(L * H)
         self.metric.view(-1)[flat] = 0.0
-        self.context_lens[:, seq_slots, :] += num_tokens.view(1, -1, 1)
+        self.context_lens[:, seq_slots, :] = new_lens
         self.seq_lens[seq_slots] = new_seq_lens
-        return AppendPlan(slots, positions, tok_seq)
+        return AppendPlan(slots, positions, tok_seq, longest)
+
+    def _check_append(self, seq_slots: torch.Tensor, num_tokens: torch.Tensor) -> None:
+        if bool((num_tokens < 0).any()):
+            raise ValueError("num_tokens must be non-negative")
+        slot_list = seq_slots.tolist()
+        if len(set(slot_list)) != len(slot_list):
+            raise ValueError("a sequence may appear only once in an append")
+        self._check_live(slot_list)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store one layer's keys and values: ``slots [H, N]``, ``k, v [N, H, head_dim]``."""

@@ -231,10 +231,10 @@ class LLMEngine:
         new_tokens: list[list[int]] = []
         for seq, token in zip(batch.seqs, tokens, strict=True):
             if seq.pending_suffix:  # still feeding the suffix: its next token, not a sample
-                seq.prompt_token_ids.append(seq.pending_suffix.pop(0))
+                seq.append_prompt_token(seq.pending_suffix.pop(0))
                 new_tokens.append([])
                 continue
-            seq.output_token_ids.append(token)
+            seq.append_token(token)
             new_tokens.append([token])
             self.generation_tokens += 1
             check_stop(seq, token, self.tokenizer, self.eos_token_ids, self.max_model_len)
@@ -341,7 +341,7 @@ class LLMEngine:
             if params.evicts:
                 self.compressor.compress([seq.slot], [params])
             for token in continuation[:-1]:
-                seq.output_token_ids.append(token)
+                seq.append_token(token)
                 rows.append(self.runner.run([seq], is_prefill=False)[0])
             kv = self.kv_stats(seq)
         finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcompress.attention import AttentionMetadata
+from kvcompress.attention.metadata import build_metadata
 from kvcompress.cache import PagedKVCache
 from kvcompress.engine.sequence import Sequence
 
@@ -19,28 +19,40 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
         """Logits ``[len(seqs), vocab]`` for the next token of each sequence."""
         dev = self.device
+        B = len(seqs)
+        # 0: the sequence collects no metric (its policy does not score by it, or it will
+        # not compress again), so a batch without collectors takes the fused decode path.
+        powers = [seq.compression.power if seq.collects_metric else 0 for seq in seqs]
+        slots = [seq.slot for seq in seqs]
         if is_prefill:
-            tokens = [seq.token_ids for seq in seqs]
+            prompts = [seq.token_ids for seq in seqs]
+            counts = [len(t) for t in prompts]
+            # One host-to-device copy for the per-sequence values.
+            per_seq = torch.tensor([slots, counts, powers], dtype=torch.long, device=dev)
+            input_ids = torch.tensor(
+                [t for ts in prompts for t in ts], dtype=torch.long, device=dev
+            )
         else:
-            tokens = [[seq.token_ids[-1]] for seq in seqs]
-        counts = [len(t) for t in tokens]
-        seq_slots = torch.tensor([seq.slot for seq in seqs], dtype=torch.long, device=dev)
-        plan = self.cache.prepare_append(seq_slots, torch.tensor(counts, device=dev))
-        input_ids = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long, device=dev)
-        collect = [seq.compression.evicts for seq in seqs]
-        max_blocks = 0
-        if not is_prefill:
-            longest = int(self.cache.context_lens[:, seq_slots].max())
-            max_blocks = -(-longest // self.cache.block_size)
-        meta = AttentionMetadata(
+            counts = [1] * B
+            last = [seq.last_token for seq in seqs]
+            per_seq = torch.tensor([slots, counts, powers, last], dtype=torch.long, device=dev)
+            input_ids = per_seq[3]
+        seq_slots, num_tokens, metric_power = per_seq[0], per_seq[1], per_seq[2]
+        plan = self.cache.prepare_append(seq_slots, num_tokens)
+        meta = build_metadata(
+            self.cache,
             is_prefill=is_prefill,
             seq_slots=seq_slots,
             append=plan,
             query_lens=counts,
-            metric_power=torch.tensor([seq.compression.power for seq in seqs], device=dev),
-            collect_metric=collect,
-            max_blocks=max_blocks,
+            metric_powers=powers,
+            metric_power=metric_power,
         )
         hidden = self.model(input_ids, plan.positions, meta)
-        last = torch.cumsum(torch.tensor(counts, device=dev), 0) - 1
-        return self.model.compute_logits(hidden[last])
+        if is_prefill:
+            ends, total = [], 0
+            for n in counts:
+                total += n
+                ends.append(total - 1)
+            hidden = hidden[torch.tensor(ends, device=dev)]
+        return self.model.compute_logits(hidden)

@@ -48,11 +48,32 @@ class Sequence:
 
     @property
     def token_ids(self) -> list[int]:
+        """The whole sequence, a new list: for prefill and recompute, not for every step."""
         return self.prompt_token_ids + self.output_token_ids
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def last_token(self) -> int:
+        """``token_ids[-1]`` without building the whole sequence (decode feeds it each step).
+
+        Derived rather than stored, so it stays right when a caller appends to the lists
+        directly: suffix tokens go to the prompt only before any output exists.
+        """
+        out = self.output_token_ids
+        return out[-1] if out else self.prompt_token_ids[-1]
+
+    def append_token(self, token: int) -> None:
+        """Append one generated token."""
+        self.output_token_ids.append(token)
+
+    def append_prompt_token(self, token: int) -> None:
+        """Append one prompt token after prefill (a suffix fed one decode step at a time)."""
+        if self.output_token_ids:
+            raise ValueError("prompt tokens cannot follow generated tokens")
+        self.prompt_token_ids.append(token)
 
     @property
     def finished(self) -> bool:
@@ -63,3 +84,14 @@ class Sequence:
         """Whether a compression now is allowed by the request's parameters."""
         p = self.compression
         return p.evicts and not (p.compress_once and self.compressions > 0)
+
+    @property
+    def collects_metric(self) -> bool:
+        """Whether this sequence's KVs must accumulate the eviction metric.
+
+        Only when a later compression will score by it: not for policies that rank by
+        position or at random, not for ones that never evict, and not after a
+        ``compress_once`` sequence has compressed. The others leave the metric alone and
+        let their batch take the fused decode path.
+        """
+        return self.compression.policy_spec.score == "metric" and self.may_compress

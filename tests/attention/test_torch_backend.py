@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kvcompress.attention import AttentionMetadata, TorchAttentionBackend
+from kvcompress.attention.metadata import build_metadata
 from kvcompress.cache import CacheConfig, PagedKVCache
 from kvcompress.compress import CompressionParams, Compressor, MetricConfig, window_metric
 
@@ -47,17 +48,13 @@ def _meta(
     """
     slots = torch.tensor(seq_slots, dtype=torch.long)
     plan = cache.prepare_append(slots, torch.tensor(counts))
-    max_blocks = 0
-    if not is_prefill:
-        max_blocks = -(-int(cache.context_lens[:, slots].max()) // cache.block_size)
-    return AttentionMetadata(
+    return build_metadata(
+        cache,
         is_prefill=is_prefill,
         seq_slots=slots,
         append=plan,
         query_lens=list(counts),
-        metric_power=torch.tensor(powers),
-        collect_metric=list(collect),
-        max_blocks=max_blocks,
+        metric_powers=[p if c else 0 for p, c in zip(powers, collect, strict=True)],
     )
 
 
