@@ -45,6 +45,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            # torch's own kernel: the same operations in the same order (bit for bit, tested),
+            # in one call instead of five.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in float32 (half-precision squares overflow), scale in the input dtype,
         # in the same order as transformers so that logits agree bit for bit in float32.
         dtype = x.dtype
