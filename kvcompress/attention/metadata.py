@@ -40,6 +40,8 @@ class AttentionMetadata:
     is_prefill: bool
     seq_slots: torch.Tensor  # [B] cache rows of the step's sequences
     append: AppendPlan  # where each token's KVs go
+    # [L, N * H] the same slots token-major, as a layer's k and v come ([N, H, D]).
+    write_slots: torch.Tensor
     query_lens: list[int]  # tokens per sequence in this step
     # [B] exponent for the eviction metric: 1 or 2, and 0 for a sequence that collects none.
     metric_power: torch.Tensor
@@ -90,6 +92,7 @@ def build_metadata(
         is_prefill=is_prefill,
         seq_slots=seq_slots,
         append=append,
+        write_slots=append.slots.transpose(1, 2).reshape(cache.num_layers, -1),
         query_lens=query_lens,
         metric_power=metric_power,
         metric_powers=metric_powers,

@@ -33,46 +33,65 @@ class TorchAttentionBackend:
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         cache = self.cache
-        slots = meta.append.slots[layer]  # [H, N]
         dtype = cache.k_pool.dtype
-        if k.dtype != dtype:
-            k, v = k.to(dtype), v.to(dtype)
-        cache.write(layer, slots, k, v)
+        if k.dtype == dtype:
+            cache.write_tokens(meta.write_slots[layer], k, v)
+        else:
+            cache.write_tokens(meta.write_slots[layer], k.to(dtype), v.to(dtype))
         if meta.is_prefill:
-            return self._prefill(layer, q, k, v, slots, meta)
+            return self._prefill(layer, q, k, v, meta)
         return self._decode(layer, q, meta)
 
     # ------------------------------------------------------------------ prefill
-    def _prefill(self, layer, q, k, v, slots, meta: AttentionMetadata) -> torch.Tensor:
-        out = torch.empty_like(q)
+    def _prefill(self, layer, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         scale = q.shape[-1] ** -0.5
+        lens = meta.query_lens
+        if len(set(lens)) == 1:
+            # Equal lengths (one prompt, or a batch of equal ones): one batched kernel.
+            B, n = len(lens), lens[0]
+            out = self._causal(*(t.view(B, n, *t.shape[1:]) for t in (q, k, v)), scale)
+            out = out.reshape(q.shape)
+        else:
+            # Ragged: one sequence at a time (prefill batches are few).
+            out = torch.empty_like(q)
+            start = 0
+            for n in lens:
+                end = start + n
+                out[start:end] = self._causal(q[start:end], k[start:end], v[start:end], scale)[0]
+                start = end
+        if meta.any_metric:
+            self._window_metrics(layer, q, k, scale, meta)
+        return out
+
+    def _window_metrics(self, layer, q, k, scale, meta: AttentionMetadata) -> None:
+        """Each collecting prompt's KVs start with its observation-window metric."""
+        slots = meta.append.slots[layer]  # [H, N]
         start = 0
-        # One sequence at a time: prefill batches are few and ragged.
         for n, power in zip(meta.query_lens, meta.metric_powers, strict=True):
             end = start + n
-            qs, ks = q[start:end], k[start:end]
-            out[start:end] = self._causal(qs, ks, v[start:end], scale)
             if power:
                 w = min(self.metric_config.window_size, n)
-                q_win = qs[n - w :].transpose(0, 1)  # [Hq, w, D]
-                metric = window_metric(q_win, ks, scale, power, self.metric_config)
+                q_win = q[end - w : end].transpose(0, 1)  # [Hq, w, D]
+                metric = window_metric(q_win, k[start:end], scale, power, self.metric_config)
                 self.cache.metric.view(-1)[slots[:, start:end].reshape(-1)] = metric.reshape(-1)
             start = end
-        return out
 
     @staticmethod
     def _causal(q, k, v, scale) -> torch.Tensor:
+        """Causal attention of ``[B, n, heads, D]`` (or one ``[n, heads, D]``) sequences."""
         # 4-D inputs: with a batch dimension SDPA takes its fused CPU kernel (several times
         # faster than on 3-D inputs); enable_gqa spares repeating K and V per query head.
+        if q.dim() == 3:
+            q, k, v = q[None], k[None], v[None]
         o = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None],
-            k.transpose(0, 1)[None],
-            v.transpose(0, 1)[None],
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
             is_causal=True,
             scale=scale,
             enable_gqa=True,
         )
-        return o[0].transpose(0, 1)
+        return o.transpose(1, 2)  # [B, n, Hq, D]
 
     # ------------------------------------------------------------------ decode
     def _gather(self, layer: int, d: DecodeMetadata, batch: int):

@@ -268,6 +268,14 @@ class PagedKVCache:
         self.k_pool.view(-1, d).index_copy_(0, flat, k.transpose(0, 1).reshape(-1, d))
         self.v_pool.view(-1, d).index_copy_(0, flat, v.transpose(0, 1).reshape(-1, d))
 
+    def write_tokens(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """:meth:`write` with token-major slots ``[N * H]`` (a layer's ``AppendPlan.slots``
+        transposed): ``k, v [N, H, head_dim]`` as models produce them go in without a
+        transposed copy."""
+        d = self.head_dim
+        self.k_pool.view(-1, d).index_copy_(0, slots, k.reshape(-1, d))
+        self.v_pool.view(-1, d).index_copy_(0, slots, v.reshape(-1, d))
+
     # ----------------------------------------------------------------- views
     def head_view(self, seq_slots: torch.Tensor) -> HeadView:
         """The block tables of every (layer, head) of the given sequences."""

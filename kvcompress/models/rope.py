@@ -62,6 +62,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
 
 
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with its first half negated: folds ``rotate_half``'s negation into the table."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rotary_signed(
+    x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor
+) -> torch.Tensor:
+    """:func:`apply_rotary` with tables built once per step (``[N, 1, head_dim]``, the sine
+    from :func:`signed_sin`): one op fewer per call, bit for bit the same result, since
+    ``(-a) * b == a * (-b)`` exactly."""
+    half = x.shape[-1] // 2
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + swapped * sin_signed
+
+
 class RotaryEmbedding:
     """cos/sin for a batch of positions.
 

@@ -4,7 +4,9 @@ import torch
 from kvcompress.cache import CacheConfig, OutOfBlocksError, PagedKVCache
 
 
-def make_cache(block_size=4, blocks=64, layers=2, heads=2, head_dim=4, max_model_len=256):
+def make_cache(
+    block_size=4, blocks=64, layers=2, heads=2, head_dim=4, max_model_len=256, debug_checks=None
+):
     bytes_per_block = block_size * (2 * head_dim * 4 + 8)
     cfg = CacheConfig(
         num_layers=layers,
@@ -15,7 +17,7 @@ def make_cache(block_size=4, blocks=64, layers=2, heads=2, head_dim=4, max_model
         max_seqs=8,
         max_model_len=max_model_len,
     )
-    return PagedKVCache(cfg)
+    return PagedKVCache(cfg, debug_checks=debug_checks)
 
 
 def held_keys(cache, slot, layer, head):
@@ -84,6 +86,7 @@ def test_free_seq_returns_every_block():
 
 def test_bad_appends_are_rejected():
     cache = make_cache(max_model_len=8)
+    assert cache.debug_checks  # the suite runs with KVCOMPRESS_DEBUG=1 (tests/conftest.py)
     s = cache.allocate_seq()
     with pytest.raises(ValueError, match="max_model_len"):
         cache.prepare_append(torch.tensor([s]), torch.tensor([9]))
@@ -96,3 +99,38 @@ def test_bad_appends_are_rejected():
     cache.free_seq(s)
     with pytest.raises(ValueError, match="not allocated"):
         cache.free_seq(s)
+
+
+def test_full_checks_are_a_debug_option_but_max_model_len_always_holds(monkeypatch):
+    monkeypatch.setenv("KVCOMPRESS_DEBUG", "0")
+    cache = make_cache(max_model_len=8)
+    assert not cache.debug_checks
+    s = cache.allocate_seq()
+    with pytest.raises(ValueError, match="max_model_len"):
+        cache.prepare_append(torch.tensor([s]), torch.tensor([9]))
+    assert cache.pool.num_used == 0 and int(cache.seq_lens[s]) == 0
+    other = cache.allocate_seq()
+    cache.free_seq(other)
+    cache.prepare_append(torch.tensor([other]), torch.tensor([1]))  # unchecked: no error
+    monkeypatch.setenv("KVCOMPRESS_DEBUG", "1")
+    assert make_cache().debug_checks
+    assert make_cache(debug_checks=False).debug_checks is False
+
+
+def test_one_token_appends_take_the_slot_after_each_heads_last_kv():
+    cache = make_cache()
+    a, b = cache.allocate_seq(), cache.allocate_seq()
+    cache.prepare_append(torch.tensor([a, b]), torch.tensor([5, 3]))
+    cache.context_lens[1, b, 0] = 2  # a head that holds fewer KVs (as after compression)
+    before = cache.context_lens.clone()
+    plan = cache.prepare_append(torch.tensor([a, b]), torch.tensor([1, 1]))
+    bs = cache.block_size
+    for layer in range(2):
+        for head in range(2):
+            for n, seq in enumerate((a, b)):
+                at = int(before[layer, seq, head])
+                block = int(cache.block_tables[layer, seq, head, at // bs])
+                assert int(plan.slots[layer, head, n]) == block * bs + at % bs
+    assert plan.positions.tolist() == [5, 3] and plan.token_seq_index.tolist() == [0, 1]
+    assert plan.max_context_len == 6
+    assert torch.equal(cache.context_lens[:, [a, b]], before[:, [a, b]] + 1)

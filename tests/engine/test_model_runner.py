@@ -16,10 +16,7 @@ from kvcompress.models import LlamaForCausalLM, ModelConfig
 from tests.models.test_parity import BUILDERS, _random_hf
 
 
-@pytest.mark.parametrize("collect_metric", [False, True], ids=["fused", "with-metric"])
-@pytest.mark.parametrize("name", sorted(BUILDERS))
-def test_paged_prefill_and_decode_match_transformers(name: str, collect_metric: bool) -> None:
-    hf = _random_hf(name)
+def tiny_runner(hf) -> tuple[ModelRunner, PagedKVCache]:
     config = ModelConfig.from_hf(hf.config)
     cache = PagedKVCache(
         CacheConfig(
@@ -34,12 +31,22 @@ def test_paged_prefill_and_decode_match_transformers(name: str, collect_metric: 
     )
     model = LlamaForCausalLM(config, TorchAttentionBackend(cache)).eval()
     model.load_state_dict(hf.state_dict())
-    runner = ModelRunner(model, cache, torch.device("cpu"))
+    return ModelRunner(model, cache, torch.device("cpu")), cache
+
+
+@pytest.mark.parametrize("lengths", [(13, 30), (17, 17)], ids=["ragged", "equal"])
+@pytest.mark.parametrize("collect_metric", [False, True], ids=["fused", "with-metric"])
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_paged_prefill_and_decode_match_transformers(
+    name: str, collect_metric: bool, lengths: tuple[int, int]
+) -> None:
+    hf = _random_hf(name)
+    runner, cache = tiny_runner(hf)
     # Evicting parameters make the backend collect the metric; nothing is compressed here.
     params = CompressionParams(compression_rate=2) if collect_metric else CompressionParams()
     gen = torch.Generator().manual_seed(2)
     vocab = hf.config.vocab_size
-    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (13, 30)]
+    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
     seqs = [Sequence(f"s{i}", p, SamplingParams(), params) for i, p in enumerate(prompts)]
     for seq in seqs:
         seq.slot = cache.allocate_seq()
@@ -56,3 +63,86 @@ def test_paged_prefill_and_decode_match_transformers(name: str, collect_metric: 
             n = len(seq.prompt_token_ids)
             rows = torch.stack([step[i] for step in got])  # logits after each fed token
             torch.testing.assert_close(rows, expected[n - 1 :], atol=2e-4, rtol=2e-4)
+
+
+def held_metric(cache: PagedKVCache, slot: int) -> torch.Tensor:
+    """The metric of every KV a sequence holds, over all its (layer, head) rows."""
+    view = cache.head_view(torch.tensor([slot]))
+    return view.gather(cache.metric)[view.valid()]
+
+
+def run_steps(runner: ModelRunner, seqs: list[Sequence], steps: int, vocab: int) -> None:
+    gen = torch.Generator().manual_seed(5)
+    runner.run(seqs, is_prefill=True)
+    for _ in range(steps):
+        for seq in seqs:
+            seq.append_token(int(torch.randint(0, vocab, (1,), generator=gen)))
+        runner.run(seqs, is_prefill=False)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        CompressionParams(policy="streaming", compression_rate=2),
+        CompressionParams(policy="random", compression_rate=2),
+        CompressionParams(policy="full", compression_rate=2),
+        CompressionParams(),  # kvcompress, but nothing to evict
+    ],
+    ids=["streaming", "random", "full", "no-budget"],
+)
+def test_sequences_that_do_not_score_by_the_metric_leave_it_alone(params) -> None:
+    hf = _random_hf("mistral-gqa")
+    runner, cache = tiny_runner(hf)
+    seq = Sequence("s", list(range(1, 12)), SamplingParams(), params)
+    seq.slot = cache.allocate_seq()
+    assert not seq.collects_metric
+    run_steps(runner, [seq], 3, hf.config.vocab_size)
+    assert bool((held_metric(cache, seq.slot) == 0).all())
+
+
+def test_compress_once_sequence_stops_collecting_after_its_compression() -> None:
+    hf = _random_hf("mistral-gqa")
+    runner, cache = tiny_runner(hf)
+    params = CompressionParams(compression_rate=2, compress_once=True)
+    seqs = [Sequence(f"s{i}", list(range(1, 12)), SamplingParams(), params) for i in range(2)]
+    for seq in seqs:
+        seq.slot = cache.allocate_seq()
+    seqs[0].compressions = 1  # as the scheduler records after the first compression
+    assert not seqs[0].collects_metric and seqs[1].collects_metric
+    run_steps(runner, seqs, 3, hf.config.vocab_size)
+    assert bool((held_metric(cache, seqs[0].slot) == 0).all())
+    assert bool((held_metric(cache, seqs[1].slot) > 0).any())
+
+
+@pytest.mark.parametrize("is_prefill", [True, False], ids=["prefill", "decode"])
+def test_every_layer_gets_the_one_metadata_of_its_step(is_prefill: bool) -> None:
+    hf = _random_hf("llama-gqa-llama3-bias")
+    runner, cache = tiny_runner(hf)
+    backend = runner.model.attention_backend
+    metas = []
+    real_forward = backend.forward
+
+    def recording(layer, q, k, v, meta):
+        metas.append(meta)
+        return real_forward(layer, q, k, v, meta)
+
+    backend.forward = recording
+    params = CompressionParams(compression_rate=2)
+    seqs = [Sequence(f"s{i}", [1, 2, 3, 4 + i], SamplingParams(), params) for i in range(2)]
+    for seq in seqs:
+        seq.slot = cache.allocate_seq()
+    runner.run(seqs, is_prefill=True)
+    if not is_prefill:
+        for seq in seqs:
+            seq.append_token(7)
+        metas.clear()
+        runner.run(seqs, is_prefill=False)
+    layers = hf.config.num_hidden_layers
+    assert len(metas) == layers and all(m is metas[0] for m in metas)
+    meta = metas[0]
+    assert meta.is_prefill is is_prefill
+    assert meta.metric_powers == [2, 2] and meta.metric_power.tolist() == [2, 2]
+    assert meta.query_lens == ([4, 4] if is_prefill else [1, 1])
+    assert (meta.decode is None) is is_prefill
+    if not is_prefill:
+        assert meta.decode.blocks.shape[0] == layers

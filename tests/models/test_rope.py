@@ -6,7 +6,13 @@ import torch
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from kvcompress.models.rope import RotaryEmbedding, apply_rotary, compute_inv_freq
+from kvcompress.models.rope import (
+    RotaryEmbedding,
+    apply_rotary,
+    apply_rotary_signed,
+    compute_inv_freq,
+    signed_sin,
+)
 
 
 def test_llama3_frequencies_match_transformers() -> None:
@@ -46,3 +52,12 @@ def test_frequencies_stay_float32_whatever_the_output_dtype() -> None:
     cos, sin = rope(torch.tensor([0, 5000]), torch.bfloat16)
     assert cos.dtype == sin.dtype == torch.bfloat16
     assert rope.inv_freq.dtype == torch.float32
+
+
+def test_signed_sine_rotation_is_bit_for_bit_the_plain_one() -> None:
+    torch.manual_seed(1)
+    rope = RotaryEmbedding(32, 10000.0, None)
+    x = torch.randn(5, 3, 32)
+    cos, sin = rope(torch.tensor([0, 3, 17, 400, 9000]), torch.float32)
+    fast = apply_rotary_signed(x, cos.unsqueeze(1), signed_sin(sin).unsqueeze(1))
+    assert torch.equal(fast, apply_rotary(x, cos, sin))
