@@ -23,6 +23,9 @@ class DecodeMetadata:
     lens: torch.Tensor  # [L, B, H, 1] KVs held by each head, this step's token included
     offsets: torch.Tensor  # [max_blocks * block_size] 0, 1, ...: slot index within a head
     max_blocks: int  # blocks gathered per head: the most any (layer, head) of the batch holds
+    # Every (layer, sequence, head) holds this many KVs (None: they differ), so that attention
+    # needs no mask: the gathered rows are cut to it instead. Usual without compression.
+    uniform_len: int | None = None
 
     @property
     def width(self) -> int:
@@ -87,6 +90,9 @@ def build_metadata(
             lens=cache.context_lens[:, seq_slots].unsqueeze(-1),
             offsets=torch.arange(max_blocks * bs, device=seq_slots.device),
             max_blocks=max_blocks,
+            uniform_len=(
+                append.max_context_len if append.min_context_len == append.max_context_len else None
+            ),
         )
     return AttentionMetadata(
         is_prefill=is_prefill,

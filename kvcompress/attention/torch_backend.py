@@ -116,11 +116,16 @@ class TorchAttentionBackend:
         qh = q.view(B, H, Hq // H, D)
         if qh.dtype != k.dtype:
             qh = qh.to(k.dtype)
-        valid = (d.offsets < d.lens[layer]).unsqueeze(2)  # [B, H, 1, W]
         if not meta.any_metric:
             # No sequence needs the probabilities: one fused kernel does it all.
-            out = F.scaled_dot_product_attention(qh, k, v, attn_mask=valid)
+            n = d.uniform_len
+            if n is not None:  # every head holds n KVs: no mask, just the first n slots
+                out = F.scaled_dot_product_attention(qh, k[:, :, :n], v[:, :, :n])
+            else:
+                valid = (d.offsets < d.lens[layer]).unsqueeze(2)  # [B, H, 1, W]
+                out = F.scaled_dot_product_attention(qh, k, v, attn_mask=valid)
         else:
+            valid = (d.offsets < d.lens[layer]).unsqueeze(2)
             logits = torch.matmul(qh, k.transpose(-1, -2)).float() * D**-0.5  # [B, H, G, W]
             logits = logits.masked_fill_(~valid, float("-inf"))
             probs = torch.softmax(logits, dim=-1)

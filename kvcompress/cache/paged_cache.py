@@ -34,9 +34,11 @@ class AppendPlan(NamedTuple):
     slots: torch.Tensor  # [num_layers, num_kv_heads, N] long
     positions: torch.Tensor  # [N] long
     token_seq_index: torch.Tensor  # [N] long: index into the step's seq_slots
-    # KVs held by the fullest (layer, sequence, head) row of the append, after it: the width
-    # a decode step gathers, known on the host without another device sync.
+    # KVs held by the fullest and the emptiest (layer, sequence, head) row of the append,
+    # after it: the width a decode step gathers and whether it needs a mask, known on the
+    # host without another device sync.
     max_context_len: int = 0
+    min_context_len: int = 0
 
 
 class HeadView(NamedTuple):
@@ -207,8 +209,9 @@ class PagedKVCache:
         start_pos = self.seq_lens[seq_slots]
         new_seq_lens = start_pos + num_tokens
         # Everything the host needs from the device, in one sync.
-        total, n_total, most, longest, max_seq_len = torch.stack(
-            (need.sum(), num_tokens.sum(), num_tokens.max(), new_lens.max(), new_seq_lens.max())
+        counts = (need.sum(), num_tokens.sum(), num_tokens.max(), new_seq_lens.max())
+        total, n_total, most, max_seq_len, shortest, longest = torch.stack(
+            (*counts, *torch.aminmax(new_lens))
         ).tolist()
         if max_seq_len > self.config.max_model_len:
             raise ValueError(
@@ -251,7 +254,7 @@ class PagedKVCache:
         self.metric.view(-1)[flat] = 0.0
         self.context_lens[:, seq_slots, :] = new_lens
         self.seq_lens[seq_slots] = new_seq_lens
-        return AppendPlan(slots, positions, tok_seq, longest)
+        return AppendPlan(slots, positions, tok_seq, longest, shortest)
 
     def _check_append(self, seq_slots: torch.Tensor, num_tokens: torch.Tensor) -> None:
         if bool((num_tokens < 0).any()):

@@ -340,6 +340,7 @@ class LLMEngine:
             rows = [self.runner.run([seq], is_prefill=True)[0]]
             if params.evicts:
                 self.compressor.compress([seq.slot], [params])
+                seq.compressions += 1  # a compress_once sequence stops collecting the metric
             for token in continuation[:-1]:
                 seq.append_token(token)
                 rows.append(self.runner.run([seq], is_prefill=False)[0])

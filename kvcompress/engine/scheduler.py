@@ -73,7 +73,8 @@ class Scheduler:
                 exhausted.append(self.waiting.popleft())
                 continue
             fits = need <= free and len(self.running) + len(admitted) < self.config.max_num_seqs
-            fits &= self.cache.num_free_seq_slots > len(admitted)
+            # allocate_seq below already takes each admitted sequence's slot.
+            fits &= self.cache.num_free_seq_slots > 0
             fits &= not admitted or tokens + seq.num_tokens <= self.config.max_num_batched_tokens
             if not fits:
                 break

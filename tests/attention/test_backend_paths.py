@@ -12,6 +12,7 @@ import torch
 from kvcompress.attention import TorchAttentionBackend
 from kvcompress.attention.metadata import build_metadata
 from kvcompress.cache import CacheConfig, PagedKVCache
+from kvcompress.compress import MetricConfig
 
 LAYERS, KV_HEADS, Q_HEADS, D, BS = 2, 2, 4, 8, 4
 
@@ -61,6 +62,9 @@ def decode_step(cache, backend, slots, powers, gen):
         query_lens=[1] * len(slots),
         metric_powers=powers,
     )
+    lens = cache.context_lens[:, seq_slots]
+    uniform = bool((lens == lens.max()).all())
+    assert meta.decode.uniform_len == (int(lens.max()) if uniform else None)
     B = len(slots)
     outs, inputs = [], []
     for layer in range(LAYERS):
@@ -71,13 +75,22 @@ def decode_step(cache, backend, slots, powers, gen):
     return outs, inputs
 
 
+@pytest.mark.parametrize(
+    ("lengths", "shrink"),
+    [([7, 10], True), ([7, 10], False), ([9, 9], False)],
+    ids=["compressed-head", "ragged", "uniform"],
+)
 @pytest.mark.parametrize("powers", [[0, 0], [2, 0], [1, 2]], ids=["fused", "l2+none", "l1+l2"])
-def test_decode_matches_dense_attention_and_accumulates_the_metric(powers) -> None:
+@pytest.mark.parametrize("buffer", [0, 3], ids=["no-buffer", "buffer"])
+def test_decode_matches_dense_attention_and_accumulates_the_metric(
+    powers, lengths, shrink, buffer
+) -> None:
     gen = torch.Generator().manual_seed(0)
-    cache, slots = prefilled([7, 10], gen)
-    # One head holds fewer KVs than its neighbours (as after a per-head compression).
-    cache.context_lens[1, slots[0], 0] = 3
-    backend = TorchAttentionBackend(cache)
+    cache, slots = prefilled(lengths, gen)
+    if shrink:
+        # One head holds fewer KVs than its neighbours (as after a per-head compression).
+        cache.context_lens[1, slots[0], 0] = 3
+    backend = TorchAttentionBackend(cache, MetricConfig(collection_buffer=buffer))
     metric_before = cache.metric.clone()
     outs, qs = decode_step(cache, backend, slots, powers, gen)
 
@@ -93,7 +106,10 @@ def test_decode_matches_dense_attention_and_accumulates_the_metric(powers) -> No
                 got = outs[layer][i, h * group : (h + 1) * group]
                 torch.testing.assert_close(got, probs @ values, atol=1e-5, rtol=1e-5)
                 if powers[i]:
-                    expected_metric[flat] += (probs ** powers[i]).sum(0)
+                    # Query-key pairs closer than the collection buffer are not counted.
+                    current = int(cache.seq_lens[slot]) - 1
+                    far = (current - cache.position.view(-1)[flat]) >= buffer
+                    expected_metric[flat] += (probs ** powers[i]).sum(0) * far
     torch.testing.assert_close(cache.metric.view(-1), expected_metric, atol=1e-6, rtol=1e-5)
 
 
@@ -179,6 +195,7 @@ def test_metadata_zeroes_the_power_of_sequences_that_collect_nothing() -> None:
     assert meta.metric_power.tolist() == [0, 2]
     assert meta.any_metric and meta.collect_metric == [False, True]
     assert meta.decode is not None and meta.decode.max_blocks == 2  # 5 KVs, blocks of 4
+    assert meta.decode.uniform_len is None  # 4 and 5 KVs
     assert meta.decode.blocks.shape == (LAYERS, 2 * KV_HEADS * 2)
     assert meta.write_slots.shape == (LAYERS, 2 * KV_HEADS)
 

@@ -227,3 +227,10 @@ def test_sequences_that_do_not_evict_are_never_compressed():
         assert seq.compressions == 0
         if seq.slot is not None:
             assert kept(h.cache, seq) == int(h.cache.seq_lens[seq.slot]) * LAYERS * HEADS
+
+
+def test_every_waiting_prompt_that_fits_is_admitted_in_one_prefill():
+    h = Harness(blocks=200)
+    seqs = [h.add(f"s{i}", 8) for i in range(8)]  # all eight sequence rows of the cache
+    batch = h.step()
+    assert batch.is_prefill and [s.request_id for s in batch.seqs] == [s.request_id for s in seqs]
