@@ -114,10 +114,6 @@ class Capacity(NamedTuple):
     def bytes_per_block(self) -> int:
         return self.bytes_per_kv * self.block_size
 
-    @property
-    def total_bytes(self) -> int:
-        return self.num_blocks * self.bytes_per_block
-
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks ``num_tokens`` tokens hold uncompressed (every head of every layer)."""
         return self.heads * -(-num_tokens // self.block_size)
