@@ -1,5 +1,10 @@
 """Per-step attention metadata: what the tokens of one model forward belong to.
 
+A step mixes decodes and prefill chunks (as vLLM's chunked prefill does). Its flat tokens
+are ordered decode sequences first, one token each, then the chunks, each a run of
+consecutive tokens of one sequence. A chunk of a sequence that already holds KVs (an earlier
+chunk, possibly compressed since) attends to them through its block tables and to itself.
+
 Everything here is built once per step (by :func:`build_metadata`) and read by every layer,
 so that layers construct no tensors from Python values and never wait on the device.
 """
@@ -15,7 +20,8 @@ from kvcompress.cache import AppendPlan, PagedKVCache
 
 @dataclass
 class DecodeMetadata:
-    """What every layer of a decode step gathers: the same rows of each layer's tables."""
+    """What every layer of a step gathers for its decode rows: the same rows of each
+    layer's tables."""
 
     # [L, B * H * max_blocks] block ids to gather, per layer (0 where a head holds fewer
     # blocks: those slots are masked out by ``lens``).
@@ -23,6 +29,9 @@ class DecodeMetadata:
     lens: torch.Tensor  # [L, B, H, 1] KVs held by each head, this step's token included
     offsets: torch.Tensor  # [max_blocks * block_size] 0, 1, ...: slot index within a head
     max_blocks: int  # blocks gathered per head: the most any (layer, head) of the batch holds
+    positions: torch.Tensor  # [B] position of each decode token
+    metric_power: torch.Tensor  # [B] 1 or 2, and 0 for a sequence that collects no metric
+    any_metric: bool  # some decode sequence collects the metric
     # Every (layer, sequence, head) holds this many KVs (None: they differ), so that attention
     # needs no mask: the gathered rows are cut to it instead. Usual without compression.
     uniform_len: int | None = None
@@ -33,28 +42,56 @@ class DecodeMetadata:
 
 
 @dataclass
-class AttentionMetadata:
-    """Built by the engine for one step; passed through the model untouched.
+class HistoryMetadata:
+    """A chunk's view of the KVs its sequence held before the step, per layer.
 
-    A step is either a prefill (each sequence, holding no KVs yet, contributes its first
-    ``query_lens[i]`` tokens) or a decode (each sequence contributes one token).
+    The chunk's new KVs are appended after them in every head's table, so slot ``j`` of
+    head ``h`` is visible to the chunk's ``i``-th token iff ``j <= old_lens[h] + i``.
     """
 
-    is_prefill: bool
+    blocks: torch.Tensor  # [L, H * max_blocks] block ids (0 past a head's blocks)
+    old_lens: torch.Tensor  # [L, H, 1, 1] KVs each head held before this chunk
+    offsets: torch.Tensor  # [max_blocks * block_size] slot index within a head
+    query_offsets: torch.Tensor  # [n, 1] 0 .. n-1: each token's index in the chunk
+    max_blocks: int
+
+    @property
+    def width(self) -> int:
+        return self.offsets.numel()
+
+
+@dataclass
+class ChunkMetadata:
+    """One sequence's prefill chunk: flat tokens ``start:end``."""
+
+    index: int  # the sequence's index in the step (into ``seq_slots``)
+    start: int
+    end: int
+    metric_power: int  # 1 or 2; 0 when the sequence collects no metric
+    history: HistoryMetadata | None  # None: the sequence held no KVs before this chunk
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class AttentionMetadata:
+    """Built by the engine for one step; passed through the model untouched."""
+
     seq_slots: torch.Tensor  # [B] cache rows of the step's sequences
     append: AppendPlan  # where each token's KVs go
     # [L, N * H] the same slots token-major, as a layer's k and v come ([N, H, D]).
     write_slots: torch.Tensor
     query_lens: list[int]  # tokens per sequence in this step
-    # [B] exponent for the eviction metric: 1 or 2, and 0 for a sequence that collects none.
-    metric_power: torch.Tensor
-    metric_powers: list[int]  # the same as Python ints (prefill reads them per sequence)
-    any_metric: bool  # some sequence of the step collects the metric
-    decode: DecodeMetadata | None = None  # decode steps only
+    num_decode: int  # the first ``num_decode`` sequences (and tokens) decode
+    decode: DecodeMetadata | None  # None when the step has no decode rows
+    chunks: list[ChunkMetadata]  # the prefill chunks, in flat order
 
     @property
-    def collect_metric(self) -> list[bool]:
-        return [p > 0 for p in self.metric_powers]
+    def fresh_only(self) -> bool:
+        """Only chunks of sequences that held nothing before: plain causal attention."""
+        return self.num_decode == 0 and all(c.history is None for c in self.chunks)
 
     @property
     def max_blocks(self) -> int:
@@ -64,44 +101,68 @@ class AttentionMetadata:
 def build_metadata(
     cache: PagedKVCache,
     *,
-    is_prefill: bool,
     seq_slots: torch.Tensor,
     append: AppendPlan,
     query_lens: list[int],
+    num_decode: int,
+    computed: list[int],
     metric_powers: list[int],
     metric_power: torch.Tensor | None = None,
 ) -> AttentionMetadata:
     """The metadata of one step, after ``append`` (the step's :meth:`prepare_append`).
 
-    ``metric_powers[i]`` is 0 for a sequence that collects no metric. ``metric_power``, the
-    same values as a tensor on the cache's device, may be passed when the caller already
-    built it (one host-to-device copy per step instead of several).
+    ``computed[i]`` is the number of tokens sequence ``i`` had fed before this step (0 for a
+    first chunk); ``metric_powers[i]`` is 0 for a sequence that collects no metric.
+    ``metric_power``, the same values as a tensor on the cache's device, may be passed when
+    the caller already built it (one host-to-device copy per step instead of several).
     """
+    dev = seq_slots.device
     if metric_power is None:
-        metric_power = torch.tensor(metric_powers, dtype=torch.long, device=seq_slots.device)
+        metric_power = torch.tensor(metric_powers, dtype=torch.long, device=dev)
+    bs = cache.block_size
     decode = None
-    if not is_prefill:
-        bs = cache.block_size
-        # The widest head of the batch, known from the append without waiting on the device.
-        max_blocks = max(1, -(-append.max_context_len // bs))
-        tables = cache.block_tables[:, seq_slots, :, :max_blocks]  # [L, B, H, nb]
+    if num_decode:
+        rows = seq_slots[:num_decode]
+        # The widest head of the decode rows, known from the append without a device sync.
+        longest = max(append.seq_max_lens[:num_decode])
+        shortest = min(append.seq_min_lens[:num_decode])
+        max_blocks = max(1, -(-longest // bs))
+        tables = cache.block_tables[:, rows, :, :max_blocks]  # [L, B, H, nb]
         decode = DecodeMetadata(
             blocks=tables.clamp(min=0).reshape(cache.num_layers, -1),
-            lens=cache.context_lens[:, seq_slots].unsqueeze(-1),
-            offsets=torch.arange(max_blocks * bs, device=seq_slots.device),
+            lens=cache.context_lens[:, rows].unsqueeze(-1),
+            offsets=torch.arange(max_blocks * bs, device=dev),
             max_blocks=max_blocks,
-            uniform_len=(
-                append.max_context_len if append.min_context_len == append.max_context_len else None
-            ),
+            positions=append.positions[:num_decode],
+            metric_power=metric_power[:num_decode],
+            any_metric=any(p > 0 for p in metric_powers[:num_decode]),
+            uniform_len=longest if shortest == longest else None,
         )
+    chunks = []
+    start = num_decode
+    for i in range(num_decode, len(query_lens)):
+        n = query_lens[i]
+        history = None
+        if computed[i]:
+            nb = max(1, -(-append.seq_max_lens[i] // bs))
+            slot = seq_slots[i]
+            history = HistoryMetadata(
+                blocks=cache.block_tables[:, slot, :, :nb]
+                .clamp(min=0)
+                .reshape(cache.num_layers, -1),
+                old_lens=(cache.context_lens[:, slot] - n).view(cache.num_layers, -1, 1, 1),
+                offsets=torch.arange(nb * bs, device=dev),
+                query_offsets=torch.arange(n, device=dev).view(n, 1),
+                max_blocks=nb,
+            )
+        chunks.append(ChunkMetadata(i, start, start + n, metric_powers[i], history))
+        start += n
     return AttentionMetadata(
-        is_prefill=is_prefill,
         seq_slots=seq_slots,
         append=append,
         write_slots=append.slots.transpose(1, 2).reshape(cache.num_layers, -1),
         query_lens=query_lens,
-        metric_power=metric_power,
-        metric_powers=metric_powers,
-        any_metric=any(p > 0 for p in metric_powers),
+        num_decode=num_decode,
         decode=decode,
+        chunks=chunks,
     )

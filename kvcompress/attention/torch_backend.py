@@ -1,10 +1,12 @@
 """Attention on the per-head paged cache in plain torch (CPU and CUDA).
 
-Prefill (of sequences that hold no KVs yet) attends within each sequence's own new tokens
-(causal SDPA) and sets the observation-window metric of its KVs. Decode gathers each KV
-head's blocks up to that head's own length, so each query head reads its KV head's block
-table; the step's attention probabilities are added to the metric of every KV they attended
-to.
+A step holds decode rows and prefill chunks (see :mod:`kvcompress.attention.metadata`).
+A first chunk attends within its own tokens (causal SDPA) and sets the observation-window
+metric of its KVs. A later chunk gathers what each of its KV heads already holds and
+attends to that and, causally, to itself; its window adds to the older KVs' metric and
+initialises its own. Decode gathers each KV head's blocks up to that head's own length, so
+each query head reads its KV head's block table; the step's attention probabilities are
+added to the metric of every KV they attended to.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvcompress.attention.metadata import AttentionMetadata, DecodeMetadata
+from kvcompress.attention.metadata import AttentionMetadata, ChunkMetadata, DecodeMetadata
 from kvcompress.cache import PagedKVCache
 from kvcompress.compress import MetricConfig, decode_metric, window_metric
 from kvcompress.compress.workspace import Workspace
@@ -38,12 +40,20 @@ class TorchAttentionBackend:
             cache.write_tokens(meta.write_slots[layer], k, v)
         else:
             cache.write_tokens(meta.write_slots[layer], k.to(dtype), v.to(dtype))
-        if meta.is_prefill:
+        nd = meta.num_decode
+        if not meta.chunks:
+            return self._decode(layer, q, meta)
+        if meta.fresh_only:
             return self._prefill(layer, q, k, v, meta)
-        return self._decode(layer, q, meta)
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = self._decode(layer, q[:nd], meta)
+        self._chunks(layer, q, k, v, meta, out)
+        return out
 
     # ------------------------------------------------------------------ prefill
     def _prefill(self, layer, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+        """A step of first chunks only (sequences that held nothing before)."""
         scale = q.shape[-1] ** -0.5
         lens = meta.query_lens
         if len(set(lens)) == 1:
@@ -51,30 +61,98 @@ class TorchAttentionBackend:
             B, n = len(lens), lens[0]
             out = self._causal(*(t.view(B, n, *t.shape[1:]) for t in (q, k, v)), scale)
             out = out.reshape(q.shape)
-        else:
-            # Ragged: one sequence at a time (prefill batches are few).
-            out = torch.empty_like(q)
-            start = 0
-            for n in lens:
-                end = start + n
-                out[start:end] = self._causal(q[start:end], k[start:end], v[start:end], scale)[0]
-                start = end
-        if meta.any_metric:
-            self._window_metrics(layer, q, k, scale, meta)
+            for chunk in meta.chunks:
+                self._fresh_metric(layer, q, k, scale, chunk, meta)
+            return out
+        out = torch.empty_like(q)
+        self._chunks(layer, q, k, v, meta, out)
         return out
 
-    def _window_metrics(self, layer, q, k, scale, meta: AttentionMetadata) -> None:
-        """Each collecting prompt's KVs start with its observation-window metric."""
-        slots = meta.append.slots[layer]  # [H, N]
-        start = 0
-        for n, power in zip(meta.query_lens, meta.metric_powers, strict=True):
-            end = start + n
-            if power:
-                w = min(self.metric_config.window_size, n)
-                q_win = q[end - w : end].transpose(0, 1)  # [Hq, w, D]
-                metric = window_metric(q_win, k[start:end], scale, power, self.metric_config)
-                self.cache.metric.view(-1)[slots[:, start:end].reshape(-1)] = metric.reshape(-1)
-            start = end
+    def _chunks(self, layer, q, k, v, meta: AttentionMetadata, out: torch.Tensor) -> None:
+        """Every chunk of the step, one sequence at a time (a step holds few chunks)."""
+        scale = q.shape[-1] ** -0.5
+        for chunk in meta.chunks:
+            rows = slice(chunk.start, chunk.end)
+            if chunk.history is None:
+                out[rows] = self._causal(q[rows], k[rows], v[rows], scale)[0]
+                self._fresh_metric(layer, q, k, scale, chunk, meta)
+            else:
+                out[rows] = self._with_history(layer, q[rows], scale, chunk, meta)
+
+    def _fresh_metric(self, layer, q, k, scale, chunk: ChunkMetadata, meta) -> None:
+        """A first chunk's KVs start with its observation-window metric."""
+        if not chunk.metric_power:
+            return
+        start, end = chunk.start, chunk.end
+        w = min(self.metric_config.window_size, end - start)
+        q_win = q[end - w : end].transpose(0, 1)  # [Hq, w, D]
+        metric = window_metric(q_win, k[start:end], scale, chunk.metric_power, self.metric_config)
+        slots = meta.append.slots[layer][:, start:end]  # [H, n]
+        self.cache.metric.view(-1)[slots.reshape(-1)] = metric.reshape(-1)
+
+    def _with_history(
+        self, layer: int, q: torch.Tensor, scale: float, chunk: ChunkMetadata, meta
+    ) -> torch.Tensor:
+        """A chunk of a sequence that already holds KVs: each token attends to what its
+        KV head held before the chunk and, causally, to the chunk (written just before)."""
+        h = chunk.history
+        assert h is not None
+        cache = self.cache
+        n, Hq, D = q.shape
+        H = cache.num_kv_heads
+        G = Hq // H
+        index = h.blocks[layer]
+        keys = cache.k_pool.index_select(0, index).view(H, h.width, D)
+        values = cache.v_pool.index_select(0, index).view(H, h.width, D)
+        old = h.old_lens[layer]  # [H, 1, 1]
+        visible = h.offsets <= old + h.query_offsets  # [H, n, W]
+        # Each KV head's query heads as one block of rows: the head's mask serves its group.
+        qg = q.view(n, H, G, D).permute(1, 2, 0, 3).reshape(H, G * n, D)
+        if qg.dtype != keys.dtype:
+            qg = qg.to(keys.dtype)
+        mask = visible.unsqueeze(1).expand(H, G, n, h.width).reshape(H, G * n, h.width)
+        out = F.scaled_dot_product_attention(
+            qg[None], keys[None], values[None], attn_mask=mask[None], scale=scale
+        )[0]
+        out = out.view(H, G, n, D).permute(2, 0, 1, 3).reshape(n, Hq, D)
+        if chunk.metric_power:
+            self._history_metric(layer, q, keys, visible, scale, chunk, meta)
+        return out if out.dtype == q.dtype else out.to(q.dtype)
+
+    def _history_metric(self, layer, q, keys, visible, scale, chunk: ChunkMetadata, meta) -> None:
+        """The chunk's observation window (its last ``w`` queries) against every key it sees:
+        added to the metric of the older KVs, and the initial metric of the chunk's own
+        (max-pooled along their positions, which are contiguous; older ones are not)."""
+        h = chunk.history
+        assert h is not None
+        cache = self.cache
+        config = self.metric_config
+        n, Hq, D = q.shape
+        H, W = keys.shape[0], h.width
+        G = Hq // H
+        w = min(config.window_size, n)
+        q_win = q[n - w :].float().view(w, H, G, D).permute(1, 2, 0, 3)  # [H, G, w, D]
+        logits = torch.matmul(q_win, keys.float().transpose(1, 2).unsqueeze(1)) * scale
+        see = visible[:, n - w :].unsqueeze(1)  # [H, 1, w, W]
+        probs = torch.softmax(logits.masked_fill(~see, float("-inf")), dim=-1)
+        if chunk.metric_power == 2:
+            probs = probs * probs
+        if config.collection_buffer:
+            key_pos = cache.position.index_select(0, h.blocks[layer]).view(H, 1, 1, W)
+            query_pos = meta.append.positions[chunk.start + n - w : chunk.start + n]
+            near = (query_pos.view(1, 1, w, 1) - key_pos) < config.collection_buffer
+            probs = probs.masked_fill(near, 0.0)
+        per_head = probs.sum(dim=2)  # [H, G, W]
+        old = h.old_lens[layer].view(H, 1, 1)
+        new_index = (old + h.query_offsets.view(1, 1, n)).expand(H, G, n)  # [H, G, n]
+        fresh = per_head.gather(2, new_index)
+        if config.pool_kernel > 1:
+            pad = config.pool_kernel // 2
+            fresh = F.max_pool1d(fresh.view(H * G, 1, n), config.pool_kernel, 1, pad).view(H, G, n)
+        contrib = torch.where(h.offsets < old, per_head, 0.0).scatter(2, new_index, fresh)
+        bs = cache.block_size
+        key_slots = (h.blocks[layer].view(H, -1, 1) * bs + h.offsets[:bs]).view(-1)
+        cache.metric.view(-1).index_add_(0, key_slots, contrib.sum(dim=1).view(-1))
 
     @staticmethod
     def _causal(q, k, v, scale) -> torch.Tensor:
@@ -116,7 +194,7 @@ class TorchAttentionBackend:
         qh = q.view(B, H, Hq // H, D)
         if qh.dtype != k.dtype:
             qh = qh.to(k.dtype)
-        if not meta.any_metric:
+        if not d.any_metric:
             # No sequence needs the probabilities: one fused kernel does it all.
             n = d.uniform_len
             if n is not None:  # every head holds n KVs: no mask, just the first n slots
@@ -143,13 +221,13 @@ class TorchAttentionBackend:
         # Flat slot of every gathered KV (padding maps into block 0 and adds exactly 0).
         blocks = d.blocks[layer].view(B, H, -1, 1)
         key_slots = (blocks * bs + d.offsets[:bs]).view(B, H, W)
-        power = meta.metric_power  # 0 where a sequence collects nothing
+        power = d.metric_power  # 0 where a sequence collects nothing
         contrib = decode_metric(probs.view(B, H * G, W), power, H)  # [B, H, W]
         keep = valid.view(B, H, W) & (power.view(B, 1, 1) > 0)
         buffer = self.metric_config.collection_buffer
         if buffer:
             positions = self.cache.position.view(-1)[key_slots].long()
-            current = meta.append.positions.view(B, 1, 1)
+            current = d.positions.view(B, 1, 1)
             keep &= (current - positions) >= buffer
         # Every gathered slot, zero where not kept: no boolean indexing (a device sync).
         contrib = torch.where(keep, contrib, 0.0)

@@ -27,6 +27,7 @@ class BlockPool:
         # Reversed so that the first allocations get low block ids (easier to read in debugging).
         self._stack = torch.arange(num_blocks - 1, -1, -1, dtype=torch.long, device=device)
         self._num_free = num_blocks
+        self._peak_used = 0
 
     @property
     def num_free(self) -> int:
@@ -36,6 +37,15 @@ class BlockPool:
     def num_used(self) -> int:
         return self.num_blocks - self._num_free
 
+    @property
+    def peak_used(self) -> int:
+        """The most blocks in use at once since creation or :meth:`reset_peak` (the real
+        memory high-water mark, which falls between a step's appends and its compression)."""
+        return self._peak_used
+
+    def reset_peak(self) -> None:
+        self._peak_used = self.num_used
+
     def allocate(self, n: int) -> torch.Tensor:
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of blocks ({n})")
@@ -44,6 +54,7 @@ class BlockPool:
         start = self._num_free - n
         blocks = self._stack[start : self._num_free].clone()
         self._num_free = start
+        self._peak_used = max(self._peak_used, self.num_blocks - start)
         return blocks
 
     def free(self, blocks: torch.Tensor) -> None:

@@ -34,11 +34,19 @@ class AppendPlan(NamedTuple):
     slots: torch.Tensor  # [num_layers, num_kv_heads, N] long
     positions: torch.Tensor  # [N] long
     token_seq_index: torch.Tensor  # [N] long: index into the step's seq_slots
-    # KVs held by the fullest and the emptiest (layer, sequence, head) row of the append,
-    # after it: the width a decode step gathers and whether it needs a mask, known on the
-    # host without another device sync.
-    max_context_len: int = 0
-    min_context_len: int = 0
+    # KVs held by the fullest and the emptiest (layer, head) row of each sequence after the
+    # append: the width a step gathers and whether it needs a mask, known on the host
+    # without another device sync.
+    seq_max_lens: tuple[int, ...] = ()
+    seq_min_lens: tuple[int, ...] = ()
+
+    @property
+    def max_context_len(self) -> int:
+        return max(self.seq_max_lens, default=0)
+
+    @property
+    def min_context_len(self) -> int:
+        return min(self.seq_min_lens, default=0)
 
 
 class HeadView(NamedTuple):
@@ -209,10 +217,10 @@ class PagedKVCache:
         start_pos = self.seq_lens[seq_slots]
         new_seq_lens = start_pos + num_tokens
         # Everything the host needs from the device, in one sync.
-        counts = (need.sum(), num_tokens.sum(), num_tokens.max(), new_seq_lens.max())
-        total, n_total, most, max_seq_len, shortest, longest = torch.stack(
-            (*counts, *torch.aminmax(new_lens))
-        ).tolist()
+        counts = torch.stack((need.sum(), num_tokens.sum(), num_tokens.max(), new_seq_lens.max()))
+        host = torch.cat((counts, new_lens.amax(dim=(0, 2)), new_lens.amin(dim=(0, 2)))).tolist()
+        total, n_total, most, max_seq_len = host[:4]
+        seq_max, seq_min = tuple(host[4 : 4 + B]), tuple(host[4 + B :])
         if max_seq_len > self.config.max_model_len:
             raise ValueError(
                 f"append would exceed max_model_len={self.config.max_model_len} tokens"
@@ -254,7 +262,7 @@ class PagedKVCache:
         self.metric.view(-1)[flat] = 0.0
         self.context_lens[:, seq_slots, :] = new_lens
         self.seq_lens[seq_slots] = new_seq_lens
-        return AppendPlan(slots, positions, tok_seq, longest, shortest)
+        return AppendPlan(slots, positions, tok_seq, seq_max, seq_min)
 
     def _check_append(self, seq_slots: torch.Tensor, num_tokens: torch.Tensor) -> None:
         if bool((num_tokens < 0).any()):

@@ -8,7 +8,13 @@ are shared among heads.
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from kvcompress.compress.params import CompressionParams
 
 
 def protected_count(seq_lens: torch.Tensor, protected_window: torch.Tensor, sinks: torch.Tensor):
@@ -22,9 +28,17 @@ def target_kept_per_head(
     protected: torch.Tensor,  # [S] never-evictable tokens
     compression_rate: torch.Tensor,  # [S] float, nan where max_cache_tokens is used
     max_cache_tokens: torch.Tensor,  # [S] float, nan where compression_rate is used
+    min_cache_tokens: torch.Tensor | None = None,  # [S] floor of a rate's budget
 ) -> torch.Tensor:
-    """Average KVs each head may keep, ``[S]`` float."""
+    """Average KVs each head may keep, ``[S]`` float.
+
+    A rate's budget never falls below ``min(min_cache_tokens, seq_lens)``: a rate applied
+    to a short prompt would keep too few KVs to answer from. An explicit
+    ``max_cache_tokens`` is the caller's choice and is not raised.
+    """
     by_rate = protected + (seq_lens - protected).clamp(min=0) / compression_rate
+    if min_cache_tokens is not None:
+        by_rate = torch.maximum(by_rate, torch.minimum(min_cache_tokens, seq_lens))
     return torch.where(torch.isnan(max_cache_tokens), by_rate, max_cache_tokens)
 
 
@@ -62,3 +76,34 @@ def spread_pyramid(
     per_layer = per_layer.scatter_add(1, order, bonus)
     S = total.numel()
     return spread_evenly(per_layer.reshape(-1), num_kv_heads).view(S, num_layers * num_kv_heads)
+
+
+def blocks_after_compression(
+    params: CompressionParams, seq_len: int, num_heads: int, block_size: int
+) -> int:
+    """Blocks a sequence of ``seq_len`` tokens holds once compressed to its budget.
+
+    The host-side figure behind admission and the "can this ever fit" check: every head
+    full when the parameters evict nothing; never fewer than the protected KVs.
+    """
+    full = num_heads * -(-seq_len // block_size)
+    if not params.evicts:
+        return full
+    value = torch.tensor([float(seq_len)], dtype=torch.float64)
+    protected = protected_count(
+        value, torch.tensor([float(params.protected_window)]), torch.tensor([float(params.sinks)])
+    )
+    nan = torch.tensor([math.nan], dtype=torch.float64)
+
+    def given(x: float | None) -> torch.Tensor:
+        return nan if x is None else torch.tensor([float(x)], dtype=torch.float64)
+
+    target = target_kept_per_head(
+        value,
+        protected,
+        given(params.compression_rate),
+        given(params.max_cache_tokens),
+        torch.tensor([float(params.min_cache_tokens)], dtype=torch.float64),
+    )
+    target = torch.maximum(target, protected.double())
+    return min(full, int(allowed_blocks(target, num_heads, block_size).item()))

@@ -115,6 +115,7 @@ class Compressor:
             protected.double(),
             self._col(params, "compression_rate", dev, torch.float64),
             self._col(params, "max_cache_tokens", dev, torch.float64),
+            self._col(params, "min_cache_tokens", dev, torch.float64),
         )
         LH = view.lens.shape[1]
         allowed = budget.allowed_blocks(target, LH, cache.block_size)

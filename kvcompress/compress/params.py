@@ -79,6 +79,13 @@ class CompressionParams:
     max_cache_tokens: int | None = field(
         default=None, metadata=_doc("average KVs kept per head, shared by all heads and layers")
     )
+    min_cache_tokens: int = field(
+        default=128,
+        metadata=_doc(
+            "a rate never compresses a sequence below this many KVs per head on average "
+            "(short prompts stay whole); max_cache_tokens is not raised by it"
+        ),
+    )
     protected_window: int = field(
         default=32, metadata=_doc("the most recent tokens, never evicted")
     )
@@ -117,7 +124,7 @@ class CompressionParams:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < low):
                 raise bad(name, f"{name} must be an integer >= {low}, got {value!r}")
-        for name in ("protected_window", "sinks"):
+        for name in ("min_cache_tokens", "protected_window", "sinks"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise bad(name, f"{name} must be an integer >= 0, got {value!r}")

@@ -20,6 +20,7 @@ import torch
 from kvcompress.attention import TorchAttentionBackend
 from kvcompress.cache import CacheConfig, PagedKVCache
 from kvcompress.compress import CompressionParams, Compressor
+from kvcompress.compress.budget import blocks_after_compression
 from kvcompress.engine.config import EngineConfig
 from kvcompress.engine.model_runner import ModelRunner
 from kvcompress.engine.outputs import (
@@ -31,7 +32,7 @@ from kvcompress.engine.outputs import (
     TeacherForceResult,
 )
 from kvcompress.engine.sampling import Sampler, SamplingParams
-from kvcompress.engine.scheduler import Scheduler
+from kvcompress.engine.scheduler import ScheduledBatch, Scheduler
 from kvcompress.engine.sequence import Sequence
 from kvcompress.engine.stopping import check_stop
 from kvcompress.errors import (
@@ -144,15 +145,7 @@ class LLMEngine:
                 f"{self.max_model_len} tokens, including at least one generated token",
                 param="prompt",
             )
-        capacity = self.capacity()
-        need = capacity.blocks_for(len(token_ids))
-        if need > capacity.num_blocks:
-            raise KVBudgetError(
-                f"the prompt needs {need} KV blocks ({len(token_ids)} tokens x "
-                f"{capacity.heads} heads) but the whole KV cache holds "
-                f"{capacity.num_blocks}; raise kv_cache_memory",
-                param="prompt",
-            )
+        self._check_budget_fits(params, len(token_ids) + len(suffix_ids), sampling.max_tokens)
         max_queue = self.config.max_queue
         if max_queue is not None and len(self.scheduler.waiting) >= max_queue:
             raise QueueFullError(f"the queue is full ({max_queue} requests waiting)")
@@ -165,6 +158,37 @@ class LLMEngine:
         self._requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
+
+    def _check_budget_fits(
+        self, params: CompressionParams, prompt_len: int, max_tokens: int
+    ) -> None:
+        """Refuse a request that could not finish even alone in the cache.
+
+        What it must hold at its largest: its budget at its final length plus one block per
+        head to grow into (compressed between chunks and steps, so the prompt's length does
+        not matter); without eviction, every KV; with ``compress_once``, the compressed
+        prompt plus everything it generates.
+        """
+        capacity = self.capacity()
+        heads, bs = capacity.heads, capacity.block_size
+        final = min(prompt_len + max_tokens, self.max_model_len)
+        full = capacity.blocks_for(final)
+        if not params.evicts:
+            need, what = full, f"{final} tokens uncompressed"
+        elif params.compress_once:
+            need = blocks_after_compression(params, prompt_len, heads, bs)
+            need = min(full, need + heads * -(-max_tokens // bs))
+            what = "its prompt compressed once plus every generated token"
+        else:
+            need = min(full, blocks_after_compression(params, final, heads, bs) + heads)
+            what = f"its budget at {final} tokens plus a block per head"
+        if need > capacity.num_blocks:
+            raise KVBudgetError(
+                f"the request needs {need} KV blocks ({what}, {heads} heads) but the whole KV "
+                f"cache holds {capacity.num_blocks}; raise kv_cache_memory, lower max_tokens "
+                "or compress more (compression_rate or max_cache_tokens)",
+                param="prompt",
+            )
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its blocks; False if it was unknown or already done."""
@@ -209,10 +233,11 @@ class LLMEngine:
         if not batch.seqs:
             return outputs
         start = time.perf_counter()
+        sampled = [batch.seqs[i] for i in batch.sample]
         try:
-            logits = self.runner.run(batch.seqs, batch.is_prefill)
+            logits = self.runner.run(batch.seqs, batch.num_tokens, batch.num_decode, batch.sample)
             tokens = self.sampler(
-                logits, [s.sampling for s in batch.seqs], [s.generator for s in batch.seqs]
+                logits, [s.sampling for s in sampled], [s.generator for s in sampled]
             ).tolist()
         except Exception:
             # The batch's requests end with reason "error" and their blocks return to the
@@ -223,28 +248,33 @@ class LLMEngine:
                 outputs.append(self._output(seq, []))
             return outputs
         elapsed = time.perf_counter() - start
-        if batch.is_prefill:
-            self.prompt_tokens += sum(s.num_tokens for s in batch.seqs)
+        prefill_tokens = batch.prefill_tokens
+        self.prompt_tokens += prefill_tokens
+        if prefill_tokens:
             self.prefill_seconds += elapsed
         else:
             self.decode_seconds += elapsed
-        new_tokens: list[list[int]] = []
-        for seq, token in zip(batch.seqs, tokens, strict=True):
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            seq.num_computed += n
+        new_tokens: dict[int, list[int]] = {}
+        for seq, token in zip(sampled, tokens, strict=True):
             if seq.pending_suffix:  # still feeding the suffix: its next token, not a sample
                 seq.append_prompt_token(seq.pending_suffix.pop(0))
-                new_tokens.append([])
                 continue
             seq.append_token(token)
-            new_tokens.append([token])
+            new_tokens[id(seq)] = [token]
             self.generation_tokens += 1
             check_stop(seq, token, self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.scheduler.after_step(batch)
-        for seq, new in zip(batch.seqs, new_tokens, strict=True):
+        for seq in batch.seqs:
             if seq.finished and seq.slot is not None:
                 seq.kv_stats = self.kv_stats(seq)
                 self.scheduler.finish(seq)
                 self._requests.pop(seq.request_id, None)
-            outputs.append(self._output(seq, new))
+            new = new_tokens.get(id(seq))
+            # A chunk that did not reach the prompt's end has nothing to report.
+            if new is not None or seq.finished:
+                outputs.append(self._output(seq, new or []))
         return outputs
 
     def _finish(self, seq: Sequence, reason: str) -> None:
@@ -295,6 +325,7 @@ class LLMEngine:
             blocks_total=self.cache.num_blocks,
             blocks_free=self.cache.num_free_blocks,
             blocks_held=held,
+            blocks_peak=self.cache.pool.peak_used,
             block_size=self.cache.block_size,
             kvs_kept=kept,
             kvs_seen=seen,
@@ -306,6 +337,10 @@ class LLMEngine:
             prefill_seconds=self.prefill_seconds,
             decode_seconds=self.decode_seconds,
         )
+
+    def reset_peak_memory(self) -> None:
+        """Start ``stats().blocks_peak`` again from the blocks in use now."""
+        self.cache.pool.reset_peak()
 
     # ------------------------------------------------------------------ analysis
     @torch.inference_mode()
@@ -336,18 +371,31 @@ class LLMEngine:
                 f"{total} tokens exceed the model context of {self.max_model_len}", param="prompt"
             )
         seq.slot = self.cache.allocate_seq()
+        rows = []
         try:
-            rows = [self.runner.run([seq], is_prefill=True)[0]]
-            if params.evicts:
-                self.compressor.compress([seq.slot], [params])
-                seq.compressions += 1  # a compress_once sequence stops collecting the metric
+            while not seq.prefilled:
+                want = min(self.scheduler.chunk_size, seq.num_uncomputed)
+                n, _ = self.scheduler.fit_chunk(seq, want, self.cache.num_free_blocks)
+                rows.extend(self._run_alone(seq, n, decode=False))
             for token in continuation[:-1]:
                 seq.append_token(token)
-                rows.append(self.runner.run([seq], is_prefill=False)[0])
+                rows.extend(self._run_alone(seq, 1, decode=True))
             kv = self.kv_stats(seq)
         finally:
             self.cache.free_seq(seq.slot)
         return TeacherForceResult(torch.stack(rows).float(), kv)
+
+    def _run_alone(self, seq: Sequence, n: int, decode: bool) -> list[torch.Tensor]:
+        """One step of one sequence outside the scheduler's queues (teacher forcing): its
+        logits if the step reached its last token, with the usual compression triggers."""
+        if n == 0:
+            raise KVBudgetError("the KV cache cannot hold the next chunk", param="prompt")
+        sample = [0] if n == seq.num_uncomputed else []
+        batch = ScheduledBatch([seq], [n], int(decode), sample, [])
+        logits = self.runner.run(batch.seqs, batch.num_tokens, batch.num_decode, sample)
+        seq.num_computed += n
+        self.scheduler.after_step(batch)
+        return [logits[0]] if sample else []
 
     def to_transformers(self) -> torch.nn.Module:
         """transformers' own implementation of this model, holding the same weights (for

@@ -83,6 +83,9 @@ class EngineStats(NamedTuple):
     blocks_total: int
     blocks_free: int  # from the pool
     blocks_held: int  # referenced by the block tables of requests in flight
+    # The most blocks in use at once since start (or the last reset_peak_memory): the
+    # real high-water mark, reached between a chunk's append and its compression.
+    blocks_peak: int
     block_size: int
     kvs_kept: int  # KVs held by running sequences
     kvs_seen: int  # KVs written by running sequences
@@ -91,8 +94,8 @@ class EngineStats(NamedTuple):
     preemptions: int
     prompt_tokens: int  # processed since start
     generation_tokens: int  # generated since start
-    prefill_seconds: float  # model time in prefill steps since start
-    decode_seconds: float  # model time in decode steps since start
+    prefill_seconds: float  # model time of steps that fed prompt chunks, since start
+    decode_seconds: float  # model time of decode-only steps since start
 
     @property
     def blocks_used(self) -> int:

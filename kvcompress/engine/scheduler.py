@@ -1,12 +1,21 @@
-"""Admission, compression triggers and preemption under a fixed KV memory budget.
+"""Admission, chunked prefill, compression triggers and preemption under a fixed KV budget.
+
+Each step mixes the running sequences' decodes with prefill chunks (at most
+``prefill_chunk_size`` tokens of one sequence), within ``max_num_batched_tokens`` tokens.
+A sequence that evicts is compressed after every chunk that leaves it over its budget, so
+a prompt of any length runs in the memory its budget and one chunk take. A request is
+admitted when its first chunk fits beside what the running sequences may still claim (the
+decode headroom), so admitting it does not force a preemption a few steps later.
 
 Order of remedies when memory runs short: compress (sequences whose parameters allow it,
 down to their budgets), then preempt the most recently admitted sequence, which is
-recomputed later from its tokens. A request is never dropped.
+recomputed later through the same chunked, compressing prefill. A request is never
+dropped.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import NamedTuple
 
@@ -17,13 +26,23 @@ from kvcompress.compress import Compressor
 from kvcompress.engine.config import EngineConfig
 from kvcompress.engine.sequence import Sequence, SequenceStatus
 
+logger = logging.getLogger(__name__)
 
-class Batch(NamedTuple):
-    seqs: list[Sequence]
-    is_prefill: bool
+
+class ScheduledBatch(NamedTuple):
+    seqs: list[Sequence]  # decoding sequences first, then prefill chunks
+    num_tokens: list[int]  # tokens each sequence feeds this step
+    num_decode: int  # the first ``num_decode`` sequences decode one token
+    # Indices of the sequences whose step reaches their last token: they sample.
+    sample: list[int]
     # Sequences that can no longer grow even alone in the cache: the engine ends them with
-    # finish reason "length" rather than loop on preempting them.
+    # finish reason "length" rather than loop on preempting them (admission refuses any
+    # request that could get here; this is the last guard).
     exhausted: list[Sequence]
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(self.num_tokens[self.num_decode :])
 
 
 class Scheduler:
@@ -31,8 +50,9 @@ class Scheduler:
         self.config = config
         self.cache = cache
         self.compressor = compressor
+        self.chunk_size = config.chunk_size
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order
         self.compression_passes = 0
         self.compression_seconds = 0.0
         self.preemptions = 0
@@ -41,7 +61,8 @@ class Scheduler:
     def heads(self) -> int:
         return self.cache.num_layers * self.cache.num_kv_heads
 
-    def prompt_blocks(self, num_tokens: int) -> int:
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks ``num_tokens`` new tokens take in every head of an empty sequence."""
         return self.heads * -(-num_tokens // self.cache.block_size)
 
     def add(self, seq: Sequence) -> None:
@@ -51,55 +72,116 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # ------------------------------------------------------------------ schedule
-    def schedule(self) -> Batch | None:
+    def schedule(self) -> ScheduledBatch | None:
         exhausted: list[Sequence] = []
-        admitted = self._admit(exhausted)
-        if admitted:
-            return Batch(admitted, True, exhausted)
-        if self.running:
+        for _ in range(len(self.running) + 2):
             self._make_room_for_decode(exhausted)
-        if not self.running and not exhausted:
+            batch = self._plan(exhausted)
+            if batch.seqs or not self.running:
+                break
+            # Every running sequence is prefilling and none has room for a token: compress
+            # what may be, else preempt the latest (a lone one can always go on: admission
+            # refused any request whose budget cannot fit the pool).
+            if not self.compress([s for s in self.running if s.may_compress]):
+                self._preempt_or_exhaust(exhausted)
+        if not batch.seqs and not exhausted:
             return None
-        return Batch(list(self.running), False, exhausted)
+        return batch
 
-    def _admit(self, exhausted: list[Sequence]) -> list[Sequence]:
-        admitted: list[Sequence] = []
-        tokens = 0
-        free = self.cache.num_free_blocks
-        while self.waiting:
-            seq = self.waiting[0]
-            need = self.prompt_blocks(seq.num_tokens)
-            if need > self.cache.num_blocks:  # a preempted sequence that outgrew the cache
-                exhausted.append(self.waiting.popleft())
+    def _plan(self, exhausted: list[Sequence]) -> ScheduledBatch:
+        decodes = [s for s in self.running if s.prefilled]
+        tokens_left = self.config.max_num_batched_tokens - len(decodes)
+        free = self.cache.num_free_blocks - self._decode_need(decodes)
+        scheduled: dict[int, int] = {}  # id(sequence) -> its chunk this step
+        chunks: list[Sequence] = []
+        for seq in self.running:
+            if seq.prefilled or tokens_left <= 0:
                 continue
-            fits = need <= free and len(self.running) + len(admitted) < self.config.max_num_seqs
-            # allocate_seq below already takes each admitted sequence's slot.
-            fits &= self.cache.num_free_seq_slots > 0
-            fits &= not admitted or tokens + seq.num_tokens <= self.config.max_num_batched_tokens
-            if not fits:
+            want = min(self.chunk_size, seq.num_uncomputed, tokens_left)
+            n, need = self.fit_chunk(seq, want, free)
+            if n:
+                chunks.append(seq)
+                scheduled[id(seq)] = n
+                tokens_left -= n
+                free -= need
+        if self.waiting and tokens_left > 0:
+            free -= sum(self._headroom(s, scheduled.get(id(s), 0)) for s in self.running)
+        while self.waiting and tokens_left > 0:
+            seq = self.waiting[0]
+            n = min(self.chunk_size, seq.num_uncomputed, tokens_left)
+            need = self.blocks_for(n)
+            # Beside others, the request must leave room for what it may claim next; alone,
+            # its first chunk fitting is enough (the add-time check made sure it can finish).
+            reserve = self._headroom(seq, n) if self.running else 0
+            if (
+                need + reserve > free
+                or len(self.running) >= self.config.max_num_seqs
+                or self.cache.num_free_seq_slots == 0
+            ):
                 break
             self.waiting.popleft()
             seq.slot = self.cache.allocate_seq()
             seq.status = SequenceStatus.RUNNING
-            admitted.append(seq)
-            tokens += seq.num_tokens
-            free -= need
-        self.running.extend(admitted)
-        return admitted
+            self.running.append(seq)
+            chunks.append(seq)
+            scheduled[id(seq)] = n
+            tokens_left -= n
+            free -= need + reserve
+        seqs = decodes + chunks
+        num_tokens = [1] * len(decodes) + [scheduled[id(s)] for s in chunks]
+        sample = [i for i, s in enumerate(seqs) if num_tokens[i] == s.num_uncomputed]
+        return ScheduledBatch(seqs, num_tokens, len(decodes), sample, exhausted)
 
-    def _decode_need(self) -> int:
-        slots = torch.tensor([s.slot for s in self.running], dtype=torch.long)
-        return self.cache.blocks_needed(slots, torch.ones(len(self.running), dtype=torch.long))
+    def fit_chunk(self, seq: Sequence, n: int, free: int) -> tuple[int, int]:
+        """The largest chunk of at most ``n`` tokens whose blocks fit ``free``, with them."""
+        slot = torch.tensor([seq.slot], dtype=torch.long)
+        while n > 0:
+            need = self.cache.blocks_needed(slot, torch.tensor([n]))
+            if need <= free:
+                return n, need
+            # Room for fewer tokens: every head may need a block for its partial one.
+            fewer = (free // self.heads - 1) * self.cache.block_size
+            n = min(max(fewer, 1), n // 2) if n > 1 else 0
+        return 0, 0
+
+    def _headroom(self, seq: Sequence, scheduled: int) -> int:
+        """Blocks a sequence may still claim beyond this step, reserved at admission.
+
+        A sequence that evicts is compressed when memory runs short, so it reserves one
+        block per head. One that does not reserves its uncomputed prompt and the next
+        ``decode_headroom`` tokens it may generate.
+        """
+        if seq.compression.evicts:
+            return self.heads
+        left = seq.num_uncomputed - scheduled
+        generate = seq.sampling.max_tokens - len(seq.output_token_ids)
+        grow = left + min(generate, self.config.decode_headroom)
+        return self.blocks_for(grow) if grow > 0 else 0
+
+    def _decode_need(self, decodes: list[Sequence]) -> int:
+        if not decodes:
+            return 0
+        slots = torch.tensor([s.slot for s in decodes], dtype=torch.long)
+        return self.cache.blocks_needed(slots, torch.ones(len(decodes), dtype=torch.long))
 
     def _make_room_for_decode(self, exhausted: list[Sequence]) -> None:
-        if self._decode_need() <= self.cache.num_free_blocks:
+        decodes = [s for s in self.running if s.prefilled]
+        if self._decode_need(decodes) <= self.cache.num_free_blocks:
             return
         self.compress([s for s in self.running if s.may_compress])
-        while self.running and self._decode_need() > self.cache.num_free_blocks:
-            if len(self.running) == 1:
-                exhausted.append(self.running.pop())
-            else:
-                self._preempt(self.running[-1])
+        while True:
+            decodes = [s for s in self.running if s.prefilled]
+            if not decodes or self._decode_need(decodes) <= self.cache.num_free_blocks:
+                return
+            self._preempt_or_exhaust(exhausted)
+
+    def _preempt_or_exhaust(self, exhausted: list[Sequence]) -> None:
+        if len(self.running) == 1:
+            seq = self.running.pop()
+            logger.warning("request %s cannot grow even alone in the cache", seq.request_id)
+            exhausted.append(seq)
+        else:
+            self._preempt(self.running[-1])
 
     def _preempt(self, seq: Sequence) -> None:
         """Free a sequence's blocks; it is recomputed from its tokens when admitted again."""
@@ -107,6 +189,8 @@ class Scheduler:
         self.cache.free_seq(seq.slot)
         seq.slot = None
         seq.status = SequenceStatus.WAITING
+        seq.num_computed = 0
+        seq.prefilled = False
         seq.preemptions += 1
         seq.compressions = 0
         seq.steps_since_compression = 0
@@ -114,31 +198,37 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     # ------------------------------------------------------------------ compression
-    def compress(self, seqs: list[Sequence]) -> None:
+    def compress(self, seqs: list[Sequence]) -> bool:
+        """Compress the sequences that may be; whether any blocks were freed."""
         seqs = [s for s in seqs if s.may_compress and s.slot is not None]
         if not seqs:
-            return
+            return False
         stats = self.compressor.compress([s.slot for s in seqs], [s.compression for s in seqs])
         self.compression_passes += 1
         self.compression_seconds += stats.seconds
         for seq in seqs:
             seq.compressions += 1
             seq.steps_since_compression = 0
+        return stats.blocks_freed > 0
 
-    def after_step(self, batch: Batch) -> None:
-        """Compression triggers: right after prefill, and every ``compression_interval``."""
-        if batch.is_prefill:
-            self.compress([s for s in batch.seqs if not s.finished])
-            return
+    def after_step(self, batch: ScheduledBatch) -> None:
+        """Compression triggers: after every prefill chunk (the last one included), and
+        every ``compression_interval`` decode steps."""
         due = []
-        for seq in batch.seqs:
+        for i, seq in enumerate(batch.seqs):
             if seq.finished:
+                continue
+            if i >= batch.num_decode:
+                due.append(seq)
                 continue
             seq.steps_since_compression += 1
             interval = seq.compression.compression_interval
             if interval is not None and seq.steps_since_compression >= interval:
                 due.append(seq)
         self.compress(due)
+        # Only now: the compression right after a prefill is the one ``compress_once`` allows.
+        for i in batch.sample:
+            batch.seqs[i].prefilled = True
 
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:

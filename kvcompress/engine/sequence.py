@@ -33,6 +33,12 @@ class Sequence:
     finish_reason: str | None = None
     output_text: str = ""
     detokenizer: DetokenizerState = field(default_factory=DetokenizerState)
+    # Tokens whose KVs this step's predecessors computed (the cache's seq_lens of the
+    # sequence): a prompt is prefilled in chunks, and a preempted sequence starts again at 0.
+    num_computed: int = 0
+    # The prompt (or, after a preemption, prompt and output) has been prefilled: from then on
+    # the sequence feeds one token per step.
+    prefilled: bool = False
     steps_since_compression: int = 0
     compressions: int = 0
     preemptions: int = 0
@@ -54,6 +60,19 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """``token_ids[start:end]`` without building the whole sequence."""
+        prompt = self.prompt_token_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        n = len(prompt)
+        return prompt[start:end] + self.output_token_ids[max(0, start - n) : end - n]
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Tokens still to feed before the next sample (1 while decoding)."""
+        return self.num_tokens - self.num_computed
 
     @property
     def last_token(self) -> int:
@@ -81,9 +100,13 @@ class Sequence:
 
     @property
     def may_compress(self) -> bool:
-        """Whether a compression now is allowed by the request's parameters."""
+        """Whether a compression now is allowed by the request's parameters.
+
+        A prompt is compressed between its chunks whatever ``compress_once`` says: once
+        means once after the prefill, and the prefill itself must stay within the budget.
+        """
         p = self.compression
-        return p.evicts and not (p.compress_once and self.compressions > 0)
+        return p.evicts and not (p.compress_once and self.compressions > 0 and self.prefilled)
 
     @property
     def collects_metric(self) -> bool:

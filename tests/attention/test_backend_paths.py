@@ -56,10 +56,11 @@ def decode_step(cache, backend, slots, powers, gen):
     plan = cache.prepare_append(seq_slots, torch.ones(len(slots), dtype=torch.long))
     meta = build_metadata(
         cache,
-        is_prefill=False,
         seq_slots=seq_slots,
         append=plan,
         query_lens=[1] * len(slots),
+        num_decode=len(slots),
+        computed=[0] * len(slots),
         metric_powers=powers,
     )
     lens = cache.context_lens[:, seq_slots]
@@ -121,7 +122,8 @@ def test_prefill_of_equal_and_ragged_prompts_matches_causal_attention() -> None:
         plan = cache.prepare_append(slots, torch.tensor(lengths))
         meta = build_metadata(
             cache,
-            is_prefill=True,
+            num_decode=0,
+            computed=[0] * len(lengths),
             seq_slots=slots,
             append=plan,
             query_lens=lengths,
@@ -186,15 +188,16 @@ def test_metadata_zeroes_the_power_of_sequences_that_collect_nothing() -> None:
     plan = cache.prepare_append(seq_slots, torch.ones(2, dtype=torch.long))
     meta = build_metadata(
         cache,
-        is_prefill=False,
+        num_decode=2,
+        computed=[0, 0],
         seq_slots=seq_slots,
         append=plan,
         query_lens=[1, 1],
         metric_powers=[0, 2],
     )
-    assert meta.metric_power.tolist() == [0, 2]
-    assert meta.any_metric and meta.collect_metric == [False, True]
-    assert meta.decode is not None and meta.decode.max_blocks == 2  # 5 KVs, blocks of 4
+    assert meta.decode is not None and meta.decode.metric_power.tolist() == [0, 2]
+    assert meta.decode.any_metric and not meta.chunks
+    assert meta.decode.max_blocks == 2  # 5 KVs, blocks of 4
     assert meta.decode.uniform_len is None  # 4 and 5 KVs
     assert meta.decode.blocks.shape == (LAYERS, 2 * KV_HEADS * 2)
     assert meta.write_slots.shape == (LAYERS, 2 * KV_HEADS)

@@ -50,10 +50,11 @@ def _meta(
     plan = cache.prepare_append(slots, torch.tensor(counts))
     return build_metadata(
         cache,
-        is_prefill=is_prefill,
         seq_slots=slots,
         append=plan,
         query_lens=list(counts),
+        num_decode=0 if is_prefill else len(seq_slots),
+        computed=[0] * len(seq_slots),
         metric_powers=[p if c else 0 for p, c in zip(powers, collect, strict=True)],
     )
 
@@ -146,8 +147,8 @@ def reference_decode(cache, meta, layer, q, k_new, v_new, pool_k, pool_v, buffer
             contrib = torch.zeros(flat.numel())
             for g in range(G):
                 out[b, h * G + g], p = attend(q[b, h * G + g], keys, values)
-                contrib += p ** int(meta.metric_power[b])
-            if meta.collect_metric[b]:
+                contrib += p ** int(meta.decode.metric_power[b])
+            if meta.decode.metric_power[b] > 0:
                 pos = cache.position.view(-1)[flat].long()
                 contrib[(current - pos) < buffer] = 0
                 for f, c in zip(flat.tolist(), contrib.tolist(), strict=True):
@@ -173,7 +174,8 @@ def test_decode_adds_each_steps_probabilities_to_exactly_the_attended_slots(
     slots, _ = fill(cache, [9, 17, 4], gen)
     if compressed:  # heads of different lengths, stale KVs past them
         Compressor(cache).compress(
-            slots, [CompressionParams(compression_rate=3.0, protected_window=2)] * 3
+            slots,
+            [CompressionParams(compression_rate=3.0, protected_window=2, min_cache_tokens=0)] * 3,
         )
     meta = _meta(cache, slots, [1, 1, 1], False, powers, collect)
     for layer in range(L):
@@ -200,7 +202,7 @@ def test_decode_after_compaction_attends_to_exactly_the_kept_kvs(collect):
     backend = TorchAttentionBackend(cache)
     slots, keys = fill(cache, [13, 22], gen)
     protected = 3
-    params = CompressionParams(compression_rate=2.5, protected_window=protected)
+    params = CompressionParams(compression_rate=2.5, protected_window=protected, min_cache_tokens=0)
     stats = Compressor(cache).compress(slots, [params, params])
     assert stats.kvs_evicted > 0
     assert len(set(cache.context_lens[:, slots].reshape(-1).tolist())) > 1  # ragged heads
@@ -231,3 +233,105 @@ def test_decode_after_compaction_attends_to_exactly_the_kept_kvs(collect):
                             torch.cat([every_v, v[b, h : h + 1]]),
                         )
                         assert not torch.allclose(full, expected, atol=ATOL)
+
+
+# --------------------------------------------------------------------------- chunks
+def reference_chunk(q, k_new, v_new, old_k, old_v, old_pos, old_metric, start_pos, power, config):
+    """One KV head's chunk against the head's older KVs, from first principles.
+
+    ``q [n, G, D]``; ``old_* [m, ...]``. Returns the output ``[n, G, D]``, the older KVs'
+    metric after the chunk ``[m]`` and the new KVs' metric ``[n]``.
+    """
+    n, m = q.shape[0], old_k.shape[0]
+    out = torch.empty(n, G, D)
+    for i in range(n):
+        keys, values = torch.cat([old_k, k_new[: i + 1]]), torch.cat([old_v, v_new[: i + 1]])
+        for g in range(G):
+            out[i, g], _ = attend(q[i, g], keys, values)
+    w = min(config.window_size, n)
+    gained_old, gained_new = torch.zeros(m), torch.zeros(n)
+    for g in range(G):
+        per_query_head = torch.zeros(m + n)
+        for i in range(n - w, n):
+            _, p = attend(
+                q[i, g], torch.cat([old_k, k_new[: i + 1]]), old_v.new_zeros(m + i + 1, D)
+            )
+            p = p**power
+            key_pos = torch.cat([old_pos, start_pos + torch.arange(i + 1)])
+            p = torch.where(start_pos + i - key_pos < config.collection_buffer, 0.0, p)
+            per_query_head[: m + i + 1] += p
+        fresh = per_query_head[m:]
+        pad = config.pool_kernel // 2
+        fresh = torch.nn.functional.max_pool1d(fresh.view(1, 1, n), config.pool_kernel, 1, pad)
+        gained_old += per_query_head[:m]
+        gained_new += fresh.view(n)
+    return out, old_metric + gained_old, gained_new
+
+
+@pytest.mark.parametrize("power", [2, 1])
+@pytest.mark.parametrize(
+    "config",
+    [
+        MetricConfig(window_size=3, pool_kernel=3),
+        MetricConfig(window_size=8, pool_kernel=1, collection_buffer=2),  # window > chunk
+    ],
+    ids=["window-inside-chunk", "window-past-chunk-start"],
+)
+def test_a_chunk_attends_to_each_heads_compressed_kvs_and_itself_beside_a_decode(power, config):
+    gen = torch.Generator().manual_seed(7)
+    cache = make_cache()
+    backend = TorchAttentionBackend(cache, config)
+    (a, b), _ = fill(cache, [5, 17], gen)
+    # Compress b so its heads hold different KVs, not in position order.
+    params = CompressionParams(max_cache_tokens=6, protected_window=1, min_cache_tokens=0)
+    Compressor(cache).compress([b], [params])
+    lens_b = cache.context_lens[:, b].clone()
+    assert len(set(lens_b.view(-1).tolist())) > 1, "heads should hold different counts"
+    n = 5
+    old = {(layer, h): held_slots(cache, layer, b, h) for layer in range(L) for h in range(H)}
+    snapshot = (cache.k_pool.clone(), cache.v_pool.clone(), cache.metric.clone())
+    old_pos = cache.position.clone()
+    slots = torch.tensor([a, b])
+    plan = cache.prepare_append(slots, torch.tensor([1, n]))
+    meta = build_metadata(
+        cache,
+        seq_slots=slots,
+        append=plan,
+        query_lens=[1, n],
+        num_decode=1,
+        computed=[5, 17],
+        metric_powers=[0, power],
+    )
+    assert meta.chunks[0].history is not None and meta.decode is not None
+    pool_k, pool_v, metric_before = snapshot
+    for layer in range(L):
+        q = torch.randn(1 + n, HQ, D, generator=gen)
+        k, v = torch.randn(2, 1 + n, H, D, generator=gen)
+        out = backend.forward(layer, q, k, v, meta)
+        for h in range(H):
+            flat = old[(layer, h)]
+            got_out, got_old, got_new = reference_chunk(
+                q[1:, h * G : (h + 1) * G],
+                k[1:, h],
+                v[1:, h],
+                pool_k.view(-1, D)[flat],
+                pool_v.view(-1, D)[flat],
+                old_pos.view(-1)[flat],
+                metric_before.view(-1)[flat],
+                17,
+                power,
+                config,
+            )
+            torch.testing.assert_close(out[1:, h * G : (h + 1) * G], got_out, atol=ATOL, rtol=1e-5)
+            torch.testing.assert_close(cache.metric.view(-1)[flat], got_old, atol=ATOL, rtol=1e-5)
+            new_slots = plan.slots[layer, h, 1:]
+            torch.testing.assert_close(
+                cache.metric.view(-1)[new_slots], got_new, atol=ATOL, rtol=1e-5
+            )
+            # The decode row attends to its own head's KVs only.
+            keys = torch.cat([pool_k.view(-1, D)[held_slots(cache, layer, a, h)[:-1]], k[:1, h]])
+            values = torch.cat([pool_v.view(-1, D)[held_slots(cache, layer, a, h)[:-1]], v[:1, h]])
+            for g in range(G):
+                o, _ = attend(q[0, h * G + g], keys, values)
+                torch.testing.assert_close(out[0, h * G + g], o, atol=ATOL, rtol=1e-5)
+    assert cache.audit().ok

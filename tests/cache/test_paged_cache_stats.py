@@ -107,7 +107,9 @@ def test_after_compression_tables_lengths_and_pool_agree(lengths, rate, seed):
     gen = torch.Generator().manual_seed(seed)
     cache.metric.copy_(torch.rand(cache.metric.shape, generator=gen))
     stats = Compressor(cache).compress(
-        slots, [CompressionParams(compression_rate=rate, protected_window=2)] * len(slots)
+        slots,
+        [CompressionParams(compression_rate=rate, protected_window=2, min_cache_tokens=0)]
+        * len(slots),
     )
     assert cache.audit().ok
     assert sum(cache.blocks_held(s) for s in slots) == cache.pool.num_used

@@ -34,6 +34,7 @@ def allowed_total(seq_len, p: CompressionParams, num_heads, block_size):
         target = float(p.max_cache_tokens)
     else:
         target = prot + max(seq_len - prot, 0) / p.compression_rate
+        target = max(target, min(p.min_cache_tokens, seq_len))
     return math.ceil(target * num_heads / block_size)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from kvcompress.compress import CompressionParams, Compressor
 
-RATE4 = CompressionParams(compression_rate=4.0, protected_window=2)
+RATE4 = CompressionParams(compression_rate=4.0, protected_window=2, min_cache_tokens=0)
 
 
 def snapshot(cache):
@@ -22,7 +22,14 @@ def snapshot(cache):
         ([1, 0, 1], [RATE4, RATE4, RATE4]),
         # Different policies land in different groups, so the two entries would never meet
         # in one pass: still refused.
-        ([0, 1, 0], [RATE4, RATE4, CompressionParams(policy="uniform", compression_rate=2.0)]),
+        (
+            [0, 1, 0],
+            [
+                RATE4,
+                RATE4,
+                CompressionParams(policy="uniform", compression_rate=2.0, min_cache_tokens=0),
+            ],
+        ),
         # The repeat does not even evict: a caller bug all the same.
         ([1, 1], [RATE4, CompressionParams()]),
     ],

@@ -20,6 +20,7 @@ params_strategy = st.builds(
     compression_rate=st.one_of(st.none(), st.sampled_from([1.0, 1.5, 2.0, 4.0, 8.0, 64.0])),
     protected_window=st.integers(0, 6),
     sinks=st.integers(0, 3),
+    min_cache_tokens=st.sampled_from([0, 0, 3, 10]),
     metric=st.sampled_from(["l2-sum", "l1-sum", "l2-avg", "l1-avg"]),
 ).flatmap(
     lambda p: (

@@ -19,7 +19,9 @@ def skewed(layer, head, pos, seq):
 def test_global_allocation_varies_per_head_and_frees_memory(filled_cache):
     cache, slots = filled_cache([200], skewed)
     used = cache.pool.num_used
-    Compressor(cache).compress(slots, [CompressionParams(compression_rate=4, protected_window=8)])
+    Compressor(cache).compress(
+        slots, [CompressionParams(compression_rate=4, protected_window=8, min_cache_tokens=0)]
+    )
     per_head = kept(cache, slots[0])
     # Heads keep different amounts, following their attention mass (scale 10 ** (layer + head)).
     by_scale = [int(per_head[layer, head]) for layer, head in [(0, 0), (0, 1), (1, 1), (2, 1)]]
@@ -65,7 +67,9 @@ def test_streaming_keeps_sinks_and_recent_tokens(filled_cache):
 )
 def test_protected_window_and_sinks_survive(filled_cache, policy):
     cache, slots = filled_cache([150, 90], skewed)
-    params = CompressionParams(policy, compression_rate=64, protected_window=10, sinks=3)
+    params = CompressionParams(
+        policy, compression_rate=64, protected_window=10, sinks=3, min_cache_tokens=0
+    )
     Compressor(cache).compress(slots, [params, params])
     for slot, n in zip(slots, [150, 90], strict=True):
         for layer in range(3):
@@ -76,13 +80,17 @@ def test_protected_window_and_sinks_survive(filled_cache, policy):
 
 def test_full_policy_never_evicts(filled_cache):
     cache, slots = filled_cache([150], skewed)
-    stats = Compressor(cache).compress(slots, [CompressionParams("full", compression_rate=8)])
+    stats = Compressor(cache).compress(
+        slots, [CompressionParams("full", compression_rate=8, min_cache_tokens=0)]
+    )
     assert stats.kvs_evicted == 0 and int(kept(cache, slots[0]).sum()) == 150 * 6
 
 
 def test_compression_rate_is_met_in_kvs_seen_over_kept(filled_cache):
     cache, slots = filled_cache([1024], skewed, block_size=16)
-    Compressor(cache).compress(slots, [CompressionParams(compression_rate=8, protected_window=0)])
+    Compressor(cache).compress(
+        slots, [CompressionParams(compression_rate=8, protected_window=0, min_cache_tokens=0)]
+    )
     rate = 1024 * 6 / int(kept(cache, slots[0]).sum())
     assert 7.5 <= rate <= 8.0
 
@@ -109,7 +117,10 @@ def test_many_sequences_in_capped_passes_match_one_pass(filled_cache):
     """The reference implementation under-compressed later sequences of a batch; splitting a
     batch into passes must give exactly the single-pass result."""
     lengths = [120, 77, 200, 64, 150]
-    params = [CompressionParams(compression_rate=r, protected_window=4) for r in (2, 4, 8, 3, 16)]
+    params = [
+        CompressionParams(compression_rate=r, protected_window=4, min_cache_tokens=0)
+        for r in (2, 4, 8, 3, 16)
+    ]
     one, slots = filled_cache(lengths, skewed)
     many, _ = filled_cache(lengths, skewed)
     Compressor(one).compress(slots, params)
@@ -126,7 +137,7 @@ def test_many_sequences_in_capped_passes_match_one_pass(filled_cache):
 def test_compressing_again_within_budget_is_a_no_op(filled_cache):
     cache, slots = filled_cache([200], skewed)
     compressor = Compressor(cache)
-    params = [CompressionParams(compression_rate=4)]
+    params = [CompressionParams(compression_rate=4, min_cache_tokens=0)]
     compressor.compress(slots, params)
     state = cache.context_lens.clone()
     assert compressor.compress(slots, params).blocks_freed == 0

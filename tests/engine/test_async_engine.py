@@ -101,7 +101,7 @@ class FakeEngine:
 
     def stats(self) -> EngineStats:
         n = len(self.requests)
-        return EngineStats(n, 0, 100, 100 - n, n, 16, 0, 0, 0, 0.0, 0, 0, 0, 0.0, 0.0)
+        return EngineStats(n, 0, 100, 100 - n, n, n, 16, 0, 0, 0, 0.0, 0, 0, 0, 0.0, 0.0)
 
 
 @pytest.fixture

@@ -87,8 +87,9 @@ def test_preemption_and_recompute_give_the_same_greedy_output(engine):
         engine.add_request(p, sampling, FULL)
         while engine.has_unfinished_requests():
             alone += [o.token_ids for o in engine.step() if o.finished]
-    # Room for the three prompts, not for all three to grow by 40 tokens.
-    tight = make_engine(kv_cache_memory=90 * 14 * 8320, max_num_seqs=4)
+    # Room for the three prompts, not for all three to grow by 40 tokens; no headroom
+    # reserved at admission, so that the pool does run short.
+    tight = make_engine(kv_cache_memory=90 * 14 * 8320, max_num_seqs=4, decode_headroom=0)
     ids = [tight.add_request(p, sampling, FULL) for p in prompts]
     done = {}
     while tight.has_unfinished_requests():
@@ -110,7 +111,7 @@ def test_abort_frees_blocks(engine):
 def test_engine_defaults_apply_when_a_request_gives_none():
     eng = make_engine(
         kv_cache_memory="64MiB",
-        compression=CompressionParams(compression_rate=4, protected_window=8),
+        compression=CompressionParams(compression_rate=4, protected_window=8, min_cache_tokens=0),
     )
     rid = eng.add_request(prose_ids(eng, 400), SamplingParams(max_tokens=2))
     final = None
@@ -149,8 +150,12 @@ def test_compression_after_teacher_forcing_still_works(engine):
     """Scratch buffers first made under teacher forcing's inference mode are reused by the
     scheduler's compression outside it."""
     ids = prose_ids(engine, 200)
-    engine.teacher_force(ids[:150], ids[150:160], CompressionParams(compression_rate=4))
-    engine.add_request(ids, SamplingParams(max_tokens=3), CompressionParams(compression_rate=4))
+    engine.teacher_force(
+        ids[:150], ids[150:160], CompressionParams(compression_rate=4, min_cache_tokens=0)
+    )
+    engine.add_request(
+        ids, SamplingParams(max_tokens=3), CompressionParams(compression_rate=4, min_cache_tokens=0)
+    )
     finals = []
     while engine.has_unfinished_requests():
         finals += [o for o in engine.step() if o.finished]
@@ -161,7 +166,7 @@ def test_a_request_keeps_engine_defaults_it_does_not_give_and_can_clear_them():
     eng = make_engine(
         kv_cache_memory="64MiB",
         compression=CompressionParams(
-            compression_rate=4, protected_window=8, compression_interval=2
+            compression_rate=4, protected_window=8, compression_interval=2, min_cache_tokens=0
         ),
     )
     # A whole CompressionParams overrides only the fields it was given.

@@ -43,7 +43,11 @@ def test_paged_prefill_and_decode_match_transformers(
     hf = _random_hf(name)
     runner, cache = tiny_runner(hf)
     # Evicting parameters make the backend collect the metric; nothing is compressed here.
-    params = CompressionParams(compression_rate=2) if collect_metric else CompressionParams()
+    params = (
+        CompressionParams(compression_rate=2, min_cache_tokens=0)
+        if collect_metric
+        else CompressionParams()
+    )
     gen = torch.Generator().manual_seed(2)
     vocab = hf.config.vocab_size
     prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
@@ -51,11 +55,11 @@ def test_paged_prefill_and_decode_match_transformers(
     for seq in seqs:
         seq.slot = cache.allocate_seq()
 
-    got = [runner.run(seqs, is_prefill=True)]
+    got = [prefill(runner, seqs)]
     for _ in range(6):
         for seq in seqs:
             seq.output_token_ids.append(int(torch.randint(0, vocab, (1,), generator=gen)))
-        got.append(runner.run(seqs, is_prefill=False))
+        got.append(decode(runner, seqs))
 
     with torch.inference_mode():
         for i, seq in enumerate(seqs):
@@ -63,6 +67,23 @@ def test_paged_prefill_and_decode_match_transformers(
             n = len(seq.prompt_token_ids)
             rows = torch.stack([step[i] for step in got])  # logits after each fed token
             torch.testing.assert_close(rows, expected[n - 1 :], atol=2e-4, rtol=2e-4)
+
+
+def prefill(runner: ModelRunner, seqs: list[Sequence]) -> torch.Tensor:
+    """Feed each sequence's whole prompt in one step; the logits after it."""
+    counts = [seq.num_uncomputed for seq in seqs]
+    logits = runner.run(seqs, counts, 0, list(range(len(seqs))))
+    for seq, n in zip(seqs, counts, strict=True):
+        seq.num_computed += n
+        seq.prefilled = True
+    return logits
+
+
+def decode(runner: ModelRunner, seqs: list[Sequence]) -> torch.Tensor:
+    logits = runner.run(seqs, [1] * len(seqs), len(seqs), list(range(len(seqs))))
+    for seq in seqs:
+        seq.num_computed += 1
+    return logits
 
 
 def held_metric(cache: PagedKVCache, slot: int) -> torch.Tensor:
@@ -73,19 +94,19 @@ def held_metric(cache: PagedKVCache, slot: int) -> torch.Tensor:
 
 def run_steps(runner: ModelRunner, seqs: list[Sequence], steps: int, vocab: int) -> None:
     gen = torch.Generator().manual_seed(5)
-    runner.run(seqs, is_prefill=True)
+    prefill(runner, seqs)
     for _ in range(steps):
         for seq in seqs:
             seq.append_token(int(torch.randint(0, vocab, (1,), generator=gen)))
-        runner.run(seqs, is_prefill=False)
+        decode(runner, seqs)
 
 
 @pytest.mark.parametrize(
     "params",
     [
-        CompressionParams(policy="streaming", compression_rate=2),
-        CompressionParams(policy="random", compression_rate=2),
-        CompressionParams(policy="full", compression_rate=2),
+        CompressionParams(policy="streaming", compression_rate=2, min_cache_tokens=0),
+        CompressionParams(policy="random", compression_rate=2, min_cache_tokens=0),
+        CompressionParams(policy="full", compression_rate=2, min_cache_tokens=0),
         CompressionParams(),  # kvcompress, but nothing to evict
     ],
     ids=["streaming", "random", "full", "no-budget"],
@@ -103,11 +124,12 @@ def test_sequences_that_do_not_score_by_the_metric_leave_it_alone(params) -> Non
 def test_compress_once_sequence_stops_collecting_after_its_compression() -> None:
     hf = _random_hf("mistral-gqa")
     runner, cache = tiny_runner(hf)
-    params = CompressionParams(compression_rate=2, compress_once=True)
+    params = CompressionParams(compression_rate=2, compress_once=True, min_cache_tokens=0)
     seqs = [Sequence(f"s{i}", list(range(1, 12)), SamplingParams(), params) for i in range(2)]
     for seq in seqs:
         seq.slot = cache.allocate_seq()
     seqs[0].compressions = 1  # as the scheduler records after the first compression
+    seqs[0].prefilled = True
     assert not seqs[0].collects_metric and seqs[1].collects_metric
     run_steps(runner, seqs, 3, hf.config.vocab_size)
     assert bool((held_metric(cache, seqs[0].slot) == 0).all())
@@ -127,22 +149,28 @@ def test_every_layer_gets_the_one_metadata_of_its_step(is_prefill: bool) -> None
         return real_forward(layer, q, k, v, meta)
 
     backend.forward = recording
-    params = CompressionParams(compression_rate=2)
+    params = CompressionParams(compression_rate=2, min_cache_tokens=0)
     seqs = [Sequence(f"s{i}", [1, 2, 3, 4 + i], SamplingParams(), params) for i in range(2)]
     for seq in seqs:
         seq.slot = cache.allocate_seq()
-    runner.run(seqs, is_prefill=True)
+    prefill(runner, seqs)
     if not is_prefill:
         for seq in seqs:
             seq.append_token(7)
         metas.clear()
-        runner.run(seqs, is_prefill=False)
+        decode(runner, seqs)
     layers = hf.config.num_hidden_layers
     assert len(metas) == layers and all(m is metas[0] for m in metas)
     meta = metas[0]
-    assert meta.is_prefill is is_prefill
-    assert meta.metric_powers == [2, 2] and meta.metric_power.tolist() == [2, 2]
+    assert meta.num_decode == (0 if is_prefill else 2)
     assert meta.query_lens == ([4, 4] if is_prefill else [1, 1])
     assert (meta.decode is None) is is_prefill
+    if is_prefill:
+        assert [(c.start, c.end, c.metric_power, c.history) for c in meta.chunks] == [
+            (0, 4, 2, None),
+            (4, 8, 2, None),
+        ]
+    else:
+        assert meta.decode.metric_power.tolist() == [2, 2] and not meta.chunks
     if not is_prefill:
         assert meta.decode.blocks.shape[0] == layers

@@ -15,11 +15,15 @@ def test_kvcompress_at_rate_4_keeps_greedy_agreement(engine):
     prefix, continuation = ids[:3000], ids[3000:3128]
     full = engine.teacher_force(prefix, continuation, CompressionParams(policy="full")).logits
     kvc, kv = engine.teacher_force(
-        prefix, continuation, CompressionParams(compression_rate=4, compress_once=True)
+        prefix,
+        continuation,
+        CompressionParams(compression_rate=4, compress_once=True, min_cache_tokens=0),
     )
     rate = kv.compression_rate
     rnd = engine.teacher_force(
-        prefix, continuation, CompressionParams("random", compression_rate=4, compress_once=True)
+        prefix,
+        continuation,
+        CompressionParams("random", compression_rate=4, compress_once=True, min_cache_tokens=0),
     ).logits
     ours, random_ = agreement(full, kvc), agreement(full, rnd)
     print(f"agreement at rate {rate:.2f}: kvcompress {ours:.3f}, random {random_:.3f}")

@@ -1,8 +1,8 @@
-"""Compression triggers and preemption, driven without a model.
+"""Chunked prefill, admission, compression triggers and preemption, driven without a model.
 
 A fake step does what the model runner does to the cache (``prepare_append`` for the batch,
-then a random metric for the new KVs) and what the engine does to the sequences (one output
-token each, then ``after_step``). A thin ``Compressor`` subclass records every call, with
+then a random metric for the new KVs) and what the engine does to the sequences (computed
+tokens advance; one output token for each that samples, then ``after_step``). A thin ``Compressor`` subclass records every call, with
 the scheduler's state at that moment, and then compresses for real.
 """
 
@@ -16,7 +16,7 @@ from kvcompress.cache import CacheConfig, PagedKVCache
 from kvcompress.compress import CompressionParams, Compressor
 from kvcompress.engine.config import EngineConfig
 from kvcompress.engine.sampling import SamplingParams
-from kvcompress.engine.scheduler import Batch, Scheduler
+from kvcompress.engine.scheduler import ScheduledBatch, Scheduler
 from kvcompress.engine.sequence import Sequence, SequenceStatus
 
 LAYERS, HEADS, BS = 1, 2, 2  # 2 (layer, head) rows per sequence
@@ -38,18 +38,18 @@ class SpyCompressor(Compressor):
         self.scheduler: Scheduler | None = None
         self.phase = ("", 0)
 
-    def compress(self, seq_slots, params):
+    def compress(self, seq_slots, params, *args, **kwargs):
         sched = self.scheduler
         assert sched is not None
         running = [s.slot for s in sched.running]
         self.calls.append(
             Call(*self.phase, list(seq_slots), sched.preemptions, running, short(sched))
         )
-        return super().compress(seq_slots, params)
+        return super().compress(seq_slots, params, *args, **kwargs)
 
 
 def short(sched: Scheduler) -> bool:
-    slots = torch.tensor([s.slot for s in sched.running], dtype=torch.long)
+    slots = torch.tensor([s.slot for s in sched.running if s.prefilled], dtype=torch.long)
     need = sched.cache.blocks_needed(slots, torch.ones(len(slots), dtype=torch.long))
     return need > sched.cache.num_free_blocks
 
@@ -74,27 +74,29 @@ class Harness:
         self.gen = torch.Generator().manual_seed(0)
         self.steps = 0
 
-    def add(self, name: str, prompt_len: int, **compression) -> Sequence:
-        seq = Sequence(
-            name, list(range(prompt_len)), SamplingParams(), CompressionParams(**compression)
-        )
+    def add(self, name: str, prompt_len: int, max_tokens: int = 128, **compression) -> Sequence:
+        # These prompts are tiny: no floor under a rate's budget unless a test sets one.
+        compression.setdefault("min_cache_tokens", 0)
+        sampling = SamplingParams(max_tokens=max_tokens)
+        seq = Sequence(name, list(range(prompt_len)), sampling, CompressionParams(**compression))
         self.sched.add(seq)
         return seq
 
-    def step(self) -> Batch | None:
+    def step(self) -> ScheduledBatch | None:
         """One engine step; ``step`` counts steps from 1."""
         self.steps += 1
         self.spy.phase = ("schedule", self.steps)
         batch = self.sched.schedule()
         if batch is None or not batch.seqs:
             return batch
-        counts = [s.num_tokens if batch.is_prefill else 1 for s in batch.seqs]
         slots = torch.tensor([s.slot for s in batch.seqs])
-        plan = self.cache.prepare_append(slots, torch.tensor(counts))
+        plan = self.cache.prepare_append(slots, torch.tensor(batch.num_tokens))
         new = plan.slots.reshape(-1)
         self.cache.metric.view(-1)[new] = torch.rand(new.numel(), generator=self.gen)
-        for seq in batch.seqs:
-            seq.output_token_ids.append(0)
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            seq.num_computed += n
+        for i in batch.sample:
+            batch.seqs[i].output_token_ids.append(0)
         self.spy.phase = ("after", self.steps)
         self.sched.after_step(batch)
         assert self.cache.audit().ok
@@ -102,6 +104,14 @@ class Harness:
 
     def calls(self, phase: str) -> list[tuple[int, list[int]]]:
         return [(c.step, c.slots) for c in self.spy.calls if c.phase == phase]
+
+
+def is_prefill(batch: ScheduledBatch) -> bool:
+    return batch.num_decode == 0 and len(batch.seqs) > 0
+
+
+def is_decode(batch: ScheduledBatch) -> bool:
+    return batch.num_decode == len(batch.seqs) > 0
 
 
 def kept(cache: PagedKVCache, seq: Sequence) -> int:
@@ -115,13 +125,13 @@ def test_engine_config_fields_the_scheduler_reads():
 
 
 def test_prefill_is_followed_by_compression_of_the_evicting_sequences_only():
-    h = Harness(blocks=256)
+    h = Harness(blocks=256, decode_headroom=0)
     a = h.add("a", 20, compression_rate=2.0, protected_window=2)
     b = h.add("b", 20)  # no budget
     c = h.add("c", 20, policy="full", compression_rate=4.0)  # a policy that never evicts
     d = h.add("d", 20, max_cache_tokens=4, protected_window=2)
     batch = h.step()
-    assert batch.is_prefill and batch.seqs == [a, b, c, d]
+    assert batch.num_decode == 0 and batch.seqs == [a, b, c, d]
     assert h.calls("schedule") == []
     assert h.calls("after") == [(1, [a.slot, d.slot])]
     assert (a.compressions, b.compressions, c.compressions, d.compressions) == (1, 0, 0, 1)
@@ -140,7 +150,7 @@ def test_compression_interval_compresses_exactly_every_k_decode_steps():
     h.step()
     decode_steps = 12
     for _ in range(decode_steps):
-        assert not h.step().is_prefill
+        assert is_decode(h.step())
     assert h.calls("schedule") == []  # the pool is roomy: no trigger from memory
     expected = [(1, [a.slot, b.slot, c.slot])]
     for n in range(1, decode_steps + 1):
@@ -172,12 +182,12 @@ def test_short_pool_compresses_instead_of_preempting():
     h = Harness(blocks=36)
     a = h.add("a", 16, max_cache_tokens=4, protected_window=2)
     b = h.add("b", 16, max_cache_tokens=4, protected_window=2)
-    assert h.step().is_prefill
+    assert is_prefill(h.step())
     first_short = None
     for _ in range(40):
         if first_short is None and short(h.sched):
             first_short = h.steps + 1
-        assert not h.step().is_prefill
+        assert is_decode(h.step())
     assert first_short is not None, "the pool never ran short: the test proves nothing"
     shortage_calls = h.calls("schedule")
     assert shortage_calls and shortage_calls[0] == (first_short, [a.slot, b.slot])
@@ -189,17 +199,19 @@ def test_short_pool_compresses_instead_of_preempting():
 
 def test_preemption_only_after_compression_falls_short_and_takes_the_latest_admitted():
     # a may compress but is within its budget (frees nothing); b and c never compress.
-    # c is admitted in a later step than a and b (the batch token cap), so it is the latest.
-    h = Harness(blocks=20, max_num_batched_tokens=12)
-    a = h.add("a", 6, max_cache_tokens=100)
-    b = h.add("b", 6)
-    c = h.add("c", 6, policy="full", compression_rate=8.0)
+    # c is admitted a step after a and b (the batch token cap), beside their decodes.
+    h = Harness(blocks=20, max_num_batched_tokens=8, decode_headroom=0)
+    a = h.add("a", 4, max_cache_tokens=100)
+    b = h.add("b", 4)
+    c = h.add("c", 4, policy="full", compression_rate=8.0)
     assert h.step().seqs == [a, b]
-    assert h.step().seqs == [c]
-    assert h.sched.running == [a, b, c] and short(h.sched)
+    batch = h.step()  # a and b decode their 5th token; c's prompt fits beside them
+    assert batch.seqs == [a, b, c] and batch.num_decode == 2 and batch.num_tokens == [1, 1, 4]
+    assert is_decode(h.step())
     running = [a.slot, b.slot, c.slot]
-    batch = h.step()  # decode: 6 blocks needed, 2 free
-    assert not batch.is_prefill and batch.seqs == [a, b]
+    assert short(h.sched)  # a and b need a block per head for their 7th token: 4 blocks, 2 free
+    batch = h.step()
+    assert is_decode(batch) and batch.seqs == [a, b]
     calls = [c_ for c_ in h.spy.calls if c_.phase == "schedule"]
     assert len(calls) == 1
     assert calls[0].slots == [a.slot]
@@ -208,13 +220,14 @@ def test_preemption_only_after_compression_falls_short_and_takes_the_latest_admi
     # Freeing c was enough: b stays.
     assert h.sched.preemptions == 1 and c.preemptions == 1
     assert c.status is SequenceStatus.WAITING and c.slot is None
+    assert (c.num_computed, c.prefilled) == (0, False)  # recomputed from its first token
     assert h.sched.waiting[0] is c
     assert h.sched.running == [a, b]
     assert (c.compressions, c.steps_since_compression) == (0, 0)
 
 
 def test_sequences_that_do_not_evict_are_never_compressed():
-    h = Harness(blocks=20)
+    h = Harness(blocks=20, decode_headroom=0)  # admit them all: the pool must run short
     plain = h.add("plain", 6, compression_interval=1)
     full = h.add("full", 6, policy="full", compression_rate=4.0, compression_interval=1)
     rate_one = h.add("one", 6, compression_rate=1.0, compression_interval=1)
@@ -230,7 +243,7 @@ def test_sequences_that_do_not_evict_are_never_compressed():
 
 
 def test_every_waiting_prompt_that_fits_is_admitted_in_one_prefill():
-    h = Harness(blocks=200)
+    h = Harness(blocks=200, decode_headroom=0)
     seqs = [h.add(f"s{i}", 8) for i in range(8)]  # all eight sequence rows of the cache
     batch = h.step()
-    assert batch.is_prefill and [s.request_id for s in batch.seqs] == [s.request_id for s in seqs]
+    assert is_prefill(batch) and [s.request_id for s in batch.seqs] == [s.request_id for s in seqs]

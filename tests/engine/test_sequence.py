@@ -30,12 +30,12 @@ def test_last_token_and_length_follow_appends_of_either_kind() -> None:
 @pytest.mark.parametrize(
     ("params", "collects"),
     [
-        (CompressionParams(compression_rate=4), True),
+        (CompressionParams(compression_rate=4, min_cache_tokens=0), True),
         (CompressionParams(policy="h2o", max_cache_tokens=64), True),
-        (CompressionParams(policy="pyramid", compression_rate=4), True),
-        (CompressionParams(policy="streaming", compression_rate=4), False),
-        (CompressionParams(policy="random", compression_rate=4), False),
-        (CompressionParams(policy="full", compression_rate=4), False),
+        (CompressionParams(policy="pyramid", compression_rate=4, min_cache_tokens=0), True),
+        (CompressionParams(policy="streaming", compression_rate=4, min_cache_tokens=0), False),
+        (CompressionParams(policy="random", compression_rate=4, min_cache_tokens=0), False),
+        (CompressionParams(policy="full", compression_rate=4, min_cache_tokens=0), False),
         (CompressionParams(), False),  # no budget: never evicts
     ],
 )
@@ -44,12 +44,14 @@ def test_collects_metric_only_for_metric_scored_evicting_policies(params, collec
 
 
 def test_compress_once_stops_collecting_after_compressing() -> None:
-    seq = make(CompressionParams(compression_rate=4, compress_once=True))
+    seq = make(CompressionParams(compression_rate=4, compress_once=True, min_cache_tokens=0))
     assert seq.collects_metric
     seq.compressions = 1
+    assert seq.collects_metric  # compressed between prompt chunks: the prefill goes on
+    seq.prefilled = True
     assert not seq.collects_metric
     seq.compressions = 0  # preempted: recomputed and compressed again
     assert seq.collects_metric
-    again = make(CompressionParams(compression_rate=4))
+    again = make(CompressionParams(compression_rate=4, min_cache_tokens=0))
     again.compressions = 3
     assert again.collects_metric

@@ -51,7 +51,7 @@ class StubEngine:
 def jobs(count: int, context_only: bool = False) -> list[Job]:
     # 6 + 2 prompt tokens + 4 generated = 12 tokens: 3 blocks of 4 in each of 2 heads.
     prompt = PromptIds(list(range(6)), [7, 8])
-    params = CompressionParams(compression_rate=4)
+    params = CompressionParams(compression_rate=4, min_cache_tokens=0)
     return [Job(i, prompt, 4, params, context_only) for i in range(count)]
 
 
