@@ -78,6 +78,19 @@ def add_bench_parser(commands) -> None:
     load.add_argument("--prompt-len", type=int, default=d.prompt_len, help="prompt tokens")
     load.add_argument("--max-tokens", type=int, default=d.max_tokens, help="tokens per request")
     load.add_argument("--rates", type=parse_rates, default=d.rates, help="server default rates")
+    load.add_argument(
+        "--oversized",
+        type=int,
+        default=d.oversized,
+        help="requests with far too long prompts sent during each run; the row then splits "
+        "the inter-token p90 into gaps during them and the rest",
+    )
+    load.add_argument(
+        "--oversized-chars",
+        type=int,
+        default=d.oversized_chars,
+        help="characters in each oversized prompt",
+    )
     load.add_argument("--json", action="store_true", help=REPORT_HELP)
     # The default budget holds one uncompressed default request at a time.
     add_engine_args(load, kv_cache_memory="48MiB")

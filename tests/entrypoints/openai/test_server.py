@@ -481,7 +481,7 @@ def test_serve_command_ends_open_streams_and_exits_on_sigint():
 def test_load_clients_against_the_server(server):
     cfg = LoadConfig(clients=2, duration=1.0, prompt_len=16, max_tokens=3, grace=30)
     prompts = [[1000 + i] * cfg.prompt_len for i in range(4)]
-    records, elapsed = asyncio.run(drive(server.url, prompts, cfg))
-    assert records and all(r.error is None for r in records)
-    assert all(r.tokens == 3 and r.first is not None and len(r.gaps) == 2 for r in records)
-    assert elapsed >= 1.0
+    run = asyncio.run(drive(server.url, prompts, cfg))
+    assert run.records and all(r.error is None for r in run.records)
+    assert all(r.tokens == 3 and r.first is not None and len(r.gaps) == 2 for r in run.records)
+    assert run.elapsed >= 1.0 and run.probes == []
