@@ -170,9 +170,10 @@ def run_load(args: argparse.Namespace) -> int:
     def serve(rate: float) -> Iterator[ServerRun]:
         rate_or_off = {"compression_rate": rate} if rate > 1 else {"compression_rate": None}
         config = dataclasses.replace(base, compression=base.compression.with_overrides(rate_or_off))
-        engine = AsyncLLMEngine(LLMEngine(config))
+        llm = LLMEngine(config)
         # Distinct prompts per client request; token ids so the length is exact.
-        prompts = text_prompts(engine.tokenizer, max(4 * cfg.clients, 16), cfg.prompt_len)
+        prompts = text_prompts(llm.tokenizer, max(4 * cfg.clients, 16), cfg.prompt_len)
+        engine = AsyncLLMEngine(llm)
         with BackgroundServer(build_app(engine, model_name(base.model))) as server:
             yield ServerRun(server.url, engine.stats, prompts)
 
