@@ -5,6 +5,11 @@ rate as its default; N asyncio clients stream completions of long prompts back t
 T seconds. Compression lets more sequences share the same KV memory, which shows up as
 throughput and latency at a fixed budget. Everything is bounded: clients stop starting
 requests at the deadline and requests still open a grace period later are cancelled.
+
+With ``oversized`` set, one more client sends that many requests whose prompts are far too
+long for the model (``oversized_chars`` characters) while the load runs, spread over the
+duration. The server must reject them without pausing everyone else, so the row reports the
+inter-token gaps of the streams that overlapped such a request beside those that did not.
 """
 
 from __future__ import annotations
@@ -27,10 +32,14 @@ class LoadConfig:
     max_tokens: int = 64
     rates: tuple[float, ...] = (1, 8)  # 1: compression off
     grace: float = 60.0  # after the deadline, open requests get this long to finish
+    oversized: int = 0  # requests with far too long prompts sent during each rate's run
+    oversized_chars: int = 5_000_000  # characters in each of their prompts
 
     def __post_init__(self) -> None:
         if self.clients < 1 or self.duration <= 0 or self.prompt_len < 1 or self.max_tokens < 1:
             raise ValueError("clients, duration, prompt_len and max_tokens must be positive")
+        if self.oversized < 0 or self.oversized_chars < 1:
+            raise ValueError("oversized must be >= 0 and oversized_chars >= 1")
         if not self.rates or any(r < 1 for r in self.rates):
             raise ValueError(f"rates must be numbers >= 1, got {self.rates}")
 
@@ -42,6 +51,7 @@ class RequestRecord:
     end: float | None = None
     tokens: int = 0
     gaps: list[float] = field(default_factory=list)  # between consecutive streamed chunks
+    gap_ends: list[float] = field(default_factory=list)  # when each gap ended
     compression_rate: float | None = None
     error: str | None = None
 
@@ -83,6 +93,7 @@ async def _one_request(client, url: str, prompt: list[int], cfg: LoadConfig) -> 
                     rec.first = now
                 else:
                     rec.gaps.append(now - last)
+                    rec.gap_ends.append(now)
                 last = now
             if event.get("usage"):
                 rec.tokens = event["usage"]["completion_tokens"]
@@ -106,8 +117,44 @@ async def _client(
     return records
 
 
-async def drive(url: str, prompts: list[list[int]], cfg: LoadConfig) -> tuple[list, float]:
-    """Run the clients against ``url``; returns their records and the measured seconds."""
+class Probe(NamedTuple):
+    """One oversized request: when it was sent, when its answer came, the HTTP status."""
+
+    start: float
+    end: float
+    status: int
+
+
+async def _oversized(client, url: str, start: float, cfg: LoadConfig) -> list[Probe]:
+    """``cfg.oversized`` requests with prompts far beyond any context, spread evenly over the
+    run so that each one meets streams in full flight."""
+    prompt = ("word " * (cfg.oversized_chars // 5 + 1))[: cfg.oversized_chars]
+    body = json.dumps({"prompt": prompt, "max_tokens": 1}).encode()
+    probes = []
+    for k in range(cfg.oversized):
+        await asyncio.sleep(
+            max(0.0, start + (k + 1) * cfg.duration / (cfg.oversized + 1) - time.perf_counter())
+        )
+        sent = time.perf_counter()
+        try:
+            resp = await client.post(
+                f"{url}/v1/completions", content=body, headers={"content-type": "application/json"}
+            )
+            status = resp.status_code
+        except Exception:  # a dropped connection is a result too
+            status = 0
+        probes.append(Probe(sent, time.perf_counter(), status))
+    return probes
+
+
+class LoadRun(NamedTuple):
+    records: list[RequestRecord]
+    elapsed: float  # seconds from the first request to the last answer
+    probes: list[Probe]  # the oversized requests (none unless ``cfg.oversized``)
+
+
+async def drive(url: str, prompts: list[list[int]], cfg: LoadConfig) -> LoadRun:
+    """Run the clients (and the oversized requests) against ``url``."""
     import httpx
 
     limits = httpx.Limits(max_connections=cfg.clients + 4)
@@ -119,22 +166,44 @@ async def drive(url: str, prompts: list[list[int]], cfg: LoadConfig) -> tuple[li
             asyncio.create_task(_client(client, url, prompts, i, deadline, cfg))
             for i in range(cfg.clients)
         ]
-        done, pending = await asyncio.wait(tasks, timeout=cfg.duration + cfg.grace)
+        probing = asyncio.create_task(_oversized(client, url, start, cfg))
+        done, pending = await asyncio.wait([*tasks, probing], timeout=cfg.duration + cfg.grace)
         for task in pending:  # bounded: requests still open after the grace period are cut
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-    records = [r for t in done for r in t.result()]
+    records = [r for t in tasks if t in done for r in t.result()]
     ends = [r.end for r in records if r.end is not None]
     elapsed = (max(ends) if ends else time.perf_counter()) - start
-    return records, elapsed
+    return LoadRun(records, elapsed, probing.result() if probing in done else [])
 
 
-def summarize(rate: float, records: list[RequestRecord], elapsed: float, stats) -> dict[str, Any]:
+def split_gaps(
+    records: list[RequestRecord], probes: list[Probe]
+) -> tuple[list[float], list[float]]:
+    """Inter-token gaps that overlapped an oversized request in flight, and the others."""
+    during: list[float] = []
+    quiet: list[float] = []
+    for rec in records:
+        for gap, end in zip(rec.gaps, rec.gap_ends, strict=True):
+            overlaps = any(p.start < end and end - gap < p.end for p in probes)
+            (during if overlaps else quiet).append(gap)
+    return during, quiet
+
+
+def summarize(
+    rate: float,
+    records: list[RequestRecord],
+    elapsed: float,
+    stats,
+    probes: list[Probe] | None = None,
+) -> dict[str, Any]:
+    """One row; with ``probes`` (the oversized requests) also the inter-token p90 of the gaps
+    that overlapped one of them and of those that did not."""
     ok = [r for r in records if r.error is None and r.end is not None]
     ttft = [r.first - r.start for r in ok if r.first is not None]
     gaps = [g for r in ok for g in r.gaps]
     achieved = [r.compression_rate for r in ok if r.compression_rate]
-    return {
+    row = {
         "rate": rate,
         "requests": len(ok),
         "errors": len(records) - len(ok),
@@ -149,6 +218,18 @@ def summarize(rate: float, records: list[RequestRecord], elapsed: float, stats) 
         "kv_rate": sum(achieved) / len(achieved) if achieved else math.nan,
         "preemptions": stats.preemptions,
     }
+    if probes is not None:
+        during, quiet = split_gaps(ok, probes)
+        statuses = sorted({p.status for p in probes})
+        row |= {
+            "oversized": len(probes),
+            "oversized_status": "/".join(str(s) for s in statuses) or "-",
+            "oversized_s_max": max((p.end - p.start for p in probes), default=math.nan),
+            "itl_p90_during": percentile(during, 90),
+            "itl_p90_quiet": percentile(quiet, 90),
+            "itl_max_during": max(during, default=math.nan),
+        }
+    return row
 
 
 class ServerRun(NamedTuple):
@@ -170,7 +251,8 @@ def run_load_bench(
     for rate in cfg.rates:
         with serve(rate) as server:
             log(f"rate {rate:g}: {cfg.clients} clients for {cfg.duration:g} s on {server.url}")
-            records, elapsed = asyncio.run(drive(server.url, server.prompts, cfg))
+            run = asyncio.run(drive(server.url, server.prompts, cfg))
             stats = server.stats()
-        rows.append(summarize(rate, records, elapsed, stats))
+        probes = run.probes if cfg.oversized else None
+        rows.append(summarize(rate, run.records, run.elapsed, stats, probes))
     return rows

@@ -6,6 +6,11 @@ steps, so every request that arrives while a step is running joins the very next
 (continuous batching across callers). Outputs travel back through one ``asyncio.Queue`` per
 request, filled with ``loop.call_soon_threadsafe``. The thread sleeps on a condition
 variable when there is nothing to do.
+
+Prompts are tokenized (and chat templates applied) before they reach the engine thread, in
+a small pool of tokenizer threads: a prompt of megabytes takes seconds to tokenize, and on
+the engine thread every running stream would stop for that long. Prompts that cannot fit
+the context are rejected there too, so they never cost the engine thread anything.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, TypeVar
 
@@ -26,7 +32,12 @@ from kvcompress.engine.engine import LLMEngine
 from kvcompress.engine.outputs import EngineStats, RequestOutput
 from kvcompress.engine.request_stream import OutputChannel, RequestStream, call_soon
 from kvcompress.engine.sampling import SamplingParams
-from kvcompress.errors import ContextLengthError, EngineShutdownError, RequestFailedError
+from kvcompress.errors import (
+    ContextLengthError,
+    EngineShutdownError,
+    InvalidParameterError,
+    RequestFailedError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +46,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class ChatPrompt:
-    """Chat messages, rendered with the model's chat template in the engine thread."""
+    """Chat messages, rendered with the model's chat template in a tokenizer thread."""
 
     messages: list[dict[str, str]]
 
@@ -57,12 +68,19 @@ class AsyncLLMEngine:
         engine: LLMEngine | EngineConfig | None = None,  # or anything with its API (tests)
         *,
         throughput_window: float = 10.0,
+        tokenizer_threads: int = 2,
     ) -> None:
         if engine is None or isinstance(engine, EngineConfig):
             engine = LLMEngine(engine)
         self.engine = engine
         self.max_model_len = engine.max_model_len
         self.throughput_window = throughput_window
+        # Only tokenize / apply_chat_template run here: they read the tokenizer, never the
+        # engine's state. More than one thread, so that one huge prompt does not hold up the
+        # tokenization of every other request behind it.
+        self._tokenizers = ThreadPoolExecutor(
+            tokenizer_threads, thread_name_prefix="kvcompress-tokenize"
+        )
         self._cond = threading.Condition()
         self._commands: list[Callable[[], None]] = []  # guarded by _cond
         self._stop = False  # guarded by _cond
@@ -92,6 +110,8 @@ class AsyncLLMEngine:
         with self._cond:
             self._stop = True
             self._cond.notify()
+        # Tokenizations in progress finish; their requests then find the engine stopped.
+        self._tokenizers.shutdown(wait=False)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
@@ -109,11 +129,21 @@ class AsyncLLMEngine:
 
         Raises what ``LLMEngine.add_request`` raises (``ValueError``, ``QueueFullError``),
         ``ContextLengthError`` when prompt plus ``max_tokens`` exceed the model's context,
-        and ``EngineShutdownError``. With ``fit_max_tokens``, ``max_tokens`` is instead
-        lowered to the room the prompt leaves (for callers that did not ask for a length).
+        ``InvalidParameterError`` for text that cannot be encoded, and
+        ``EngineShutdownError``. With ``fit_max_tokens``, ``max_tokens`` is instead lowered to
+        the room the prompt leaves (for callers that did not ask for a length).
         """
         loop = asyncio.get_running_loop()
         request_id = request_id or uuid.uuid4().hex
+        if not self.is_running:
+            raise EngineShutdownError("the engine is not running")
+        try:
+            token_ids = await loop.run_in_executor(self._tokenizers, self._encode, prompt)
+        except RuntimeError as err:  # the pool was shut down: so is the engine
+            if self._stop:
+                raise EngineShutdownError("the engine is shutting down") from err
+            raise
+        sampling = self._fit(token_ids, sampling, fit_max_tokens)
         stream = OutputChannel(request_id, loop)
         accepted: asyncio.Future[int] = loop.create_future()
 
@@ -130,7 +160,7 @@ class AsyncLLMEngine:
 
         def add() -> None:
             try:
-                prompt_len = self._add(prompt, sampling, compression, stream, fit_max_tokens)
+                prompt_len = self._add(token_ids, sampling, compression, stream)
             except Exception as err:
                 resolve(err)
             else:
@@ -234,36 +264,53 @@ class AsyncLLMEngine:
             self._cond.notify()
             return True
 
+    def _encode(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids; runs in a tokenizer thread."""
+        if isinstance(prompt, ChatPrompt):
+            for message in prompt.messages:
+                _check_encodable(message.get("content") or "", "messages")
+            return self.engine.apply_chat_template(prompt.messages)
+        if isinstance(prompt, str):
+            _check_encodable(prompt, "prompt")
+            return self.engine.tokenize(prompt)
+        return list(prompt)
+
+    def _fit(
+        self, token_ids: list[int], sampling: SamplingParams, fit_max_tokens: bool
+    ) -> SamplingParams:
+        """Reject what cannot fit the context before it reaches the engine thread."""
+        n = len(token_ids)
+        if n >= self.max_model_len:
+            raise ContextLengthError(
+                f"the prompt has {n} tokens; the model's context is {self.max_model_len} "
+                "tokens, including at least one generated token",
+                param="prompt",
+            )
+        room = self.max_model_len - n
+        if sampling.max_tokens <= room:
+            return sampling
+        if not fit_max_tokens:
+            raise ContextLengthError(
+                f"the model's context is {self.max_model_len} tokens, but "
+                f"{n + sampling.max_tokens} were requested "
+                f"({n} in the prompt, {sampling.max_tokens} in max_tokens); "
+                f"lower max_tokens to at most {room} or shorten the prompt",
+                param="max_tokens",
+            )
+        return replace(sampling, max_tokens=room)
+
     def _add(
         self,
-        prompt: Prompt,
+        token_ids: list[int],
         sampling: SamplingParams,
         compression: CompressionParams | Mapping[str, Any] | None,
         stream: OutputChannel,
-        fit_max_tokens: bool,
     ) -> int:
         if self._stop:
             raise EngineShutdownError("the engine is shutting down")
-        engine = self.engine
-        if isinstance(prompt, ChatPrompt):
-            token_ids = engine.apply_chat_template(prompt.messages)
-        elif isinstance(prompt, str):
-            token_ids = engine.tokenize(prompt)
-        else:
-            token_ids = list(prompt)
-        room = self.max_model_len - len(token_ids)
-        if room >= 1 and sampling.max_tokens > room:
-            if not fit_max_tokens:
-                raise ContextLengthError(
-                    f"the model's context is {self.max_model_len} tokens, but "
-                    f"{len(token_ids) + sampling.max_tokens} were requested "
-                    f"({len(token_ids)} in the prompt, {sampling.max_tokens} in max_tokens); "
-                    f"lower max_tokens to at most {room} or shorten the prompt",
-                    param="max_tokens",
-                )
-            sampling = replace(sampling, max_tokens=room)
-        # The engine itself rejects prompts that leave no room or exceed the KV budget.
-        engine.add_request(token_ids, sampling, compression, stream.request_id)
+        # The engine itself rejects token ids outside the vocabulary and prompts beyond the
+        # KV budget.
+        self.engine.add_request(token_ids, sampling, compression, stream.request_id)
         self._streams[stream.request_id] = stream
         return len(token_ids)
 
@@ -360,3 +407,17 @@ class AsyncLLMEngine:
             self._stats = self.engine.stats()
         except Exception:
             logger.exception("reading engine statistics failed")
+
+
+def _check_encodable(text: str, param: str) -> None:
+    """Text from JSON may hold lone UTF-16 surrogates ("\\ud800"), which no tokenizer can
+    encode; say so instead of passing on the tokenizer's internal error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = text[err.start]
+        raise InvalidParameterError(
+            f"the {param} cannot be encoded as UTF-8: a lone surrogate {char!r} at character "
+            f"{err.start}; send valid Unicode text",
+            param=param,
+        ) from None

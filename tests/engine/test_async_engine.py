@@ -19,6 +19,7 @@ from kvcompress.engine import (
 from kvcompress.errors import (
     ContextLengthError,
     EngineShutdownError,
+    InvalidParameterError,
     QueueFullError,
     RequestFailedError,
 )
@@ -33,19 +34,26 @@ class FakeEngine:
         self.requests: dict[str, tuple[list[int], SamplingParams, list[int]]] = {}
         self.running: list[str] = []
         self.fail_next_step = False
-        self.threads: set[str] = set()
+        self.threads: set[str] = set()  # threads that touched the engine's state
+        self.tokenize_threads: set[str] = set()
         self.polls = 0
         self.step_delay = 0.0
+        # A prompt starting with "slow" holds its tokenization until ``release`` is set.
+        self.tokenizing = threading.Event()
+        self.release = threading.Event()
 
     def _touch(self) -> None:
         self.threads.add(threading.current_thread().name)
 
     def tokenize(self, prompt: str) -> list[int]:
-        self._touch()
+        self.tokenize_threads.add(threading.current_thread().name)
+        if prompt.startswith("slow"):
+            self.tokenizing.set()
+            assert self.release.wait(30)
         return [1] * len(prompt.split())
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        self._touch()
+        self.tokenize_threads.add(threading.current_thread().name)
         return [2] * (3 + sum(len(m["content"].split()) for m in messages))
 
     def add_request(self, prompt, sampling, compression, request_id) -> str:
@@ -125,6 +133,50 @@ def test_generate_streams_every_token_from_the_engine_thread(fake):
     assert outs[-1].finished and outs[-1].finish_reason == "length"
     assert len(outs[-1].token_ids) == 3
     assert engine.threads == {"kvcompress-engine"}  # never touched from the caller's thread
+    # Tokenization runs beside the engine thread, not in it (nor in the event loop).
+    assert {t.rsplit("_", 1)[0] for t in engine.tokenize_threads} == {"kvcompress-tokenize"}
+
+
+def test_streams_keep_going_while_a_prompt_is_tokenized(fake):
+    engine, async_engine = fake
+    engine.step_delay = 0.005
+
+    async def main():
+        running = await async_engine.add_request("a", SamplingParams(max_tokens=900))
+        slow = asyncio.create_task(
+            async_engine.add_request("slow " * 200_000, SamplingParams(max_tokens=2))
+        )
+        await asyncio.to_thread(engine.tokenizing.wait, 10)
+        # The tokenization is held: had it run on the engine thread, no step would happen
+        # and these outputs would never come.
+        progress = [(await asyncio.wait_for(anext(running), 5)).num_output_tokens]
+        while len(progress) < 5:
+            progress.append((await asyncio.wait_for(anext(running), 5)).num_output_tokens)
+        assert not slow.done()
+        engine.release.set()
+        # 200,000 tokens exceed the context: rejected before the engine (the fake has no
+        # context check of its own).
+        with pytest.raises(ContextLengthError, match="200000 tokens") as info:
+            await slow
+        assert info.value.param == "prompt"
+        running.abort()
+        return progress
+
+    engine.max_model_len = 1000
+    async_engine.max_model_len = 1000
+    progress = asyncio.run(main())
+    assert progress == sorted(progress) and progress[-1] > progress[0]
+
+
+def test_text_that_cannot_be_encoded_is_rejected_by_name(fake):
+    _, async_engine = fake
+    with pytest.raises(InvalidParameterError, match="surrogate") as info:
+        asyncio.run(_collect(async_engine, "abc \ud800 def"))
+    assert info.value.param == "prompt"
+    chat = ChatPrompt([{"role": "user", "content": "ok"}, {"role": "user", "content": "\udfff"}])
+    with pytest.raises(InvalidParameterError, match="surrogate") as info:
+        asyncio.run(_collect(async_engine, chat))
+    assert info.value.param == "messages"
 
 
 def test_concurrent_requests_share_steps(fake):

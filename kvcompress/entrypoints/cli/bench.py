@@ -78,6 +78,19 @@ def add_bench_parser(commands) -> None:
     load.add_argument("--prompt-len", type=int, default=d.prompt_len, help="prompt tokens")
     load.add_argument("--max-tokens", type=int, default=d.max_tokens, help="tokens per request")
     load.add_argument("--rates", type=parse_rates, default=d.rates, help="server default rates")
+    load.add_argument(
+        "--oversized",
+        type=int,
+        default=d.oversized,
+        help="requests with far too long prompts sent during each run; the row then splits "
+        "the inter-token p90 into gaps during them and the rest",
+    )
+    load.add_argument(
+        "--oversized-chars",
+        type=int,
+        default=d.oversized_chars,
+        help="characters in each oversized prompt",
+    )
     load.add_argument("--json", action="store_true", help=REPORT_HELP)
     # The default budget holds one uncompressed default request at a time.
     add_engine_args(load, kv_cache_memory="48MiB")
@@ -157,9 +170,10 @@ def run_load(args: argparse.Namespace) -> int:
     def serve(rate: float) -> Iterator[ServerRun]:
         rate_or_off = {"compression_rate": rate} if rate > 1 else {"compression_rate": None}
         config = dataclasses.replace(base, compression=base.compression.with_overrides(rate_or_off))
-        engine = AsyncLLMEngine(LLMEngine(config))
+        llm = LLMEngine(config)
         # Distinct prompts per client request; token ids so the length is exact.
-        prompts = text_prompts(engine.tokenizer, max(4 * cfg.clients, 16), cfg.prompt_len)
+        prompts = text_prompts(llm.tokenizer, max(4 * cfg.clients, 16), cfg.prompt_len)
+        engine = AsyncLLMEngine(llm)
         with BackgroundServer(build_app(engine, model_name(base.model))) as server:
             yield ServerRun(server.url, engine.stats, prompts)
 

@@ -12,8 +12,9 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,7 +32,9 @@ from kvcompress.engine import (
 )
 from kvcompress.entrypoints.openai import protocol as p
 from kvcompress.entrypoints.openai import responses as r
+from kvcompress.entrypoints.openai.guard import RequestGuard
 from kvcompress.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
+from kvcompress.entrypoints.openai.options import ServerOptions
 from kvcompress.errors import (
     EngineShutdownError,
     QueueFullError,
@@ -47,7 +50,12 @@ DISCONNECT_POLL_SECONDS = 0.5
 
 
 def model_name(model: str | None) -> str:
-    return DEFAULT_MODEL_NAME if model is None else model
+    """The model's own name: the last part of its path (a directory, or a ``.gguf`` file
+    without the suffix). Never the whole path, which is no client's business."""
+    if model is None:
+        return DEFAULT_MODEL_NAME
+    name = PurePath(model.rstrip("/\\")).name or model
+    return name.removesuffix(".gguf")
 
 
 @dataclass
@@ -84,8 +92,21 @@ class _Timing:
                 self.metrics.inter_token_latency.observe((now - self.first) / (self.tokens - 1))
 
 
-def build_app(engine: AsyncLLMEngine, served_model: str, *, manage_engine: bool = True) -> FastAPI:
-    """The app for ``engine``; with ``manage_engine`` its lifespan starts and stops it."""
+def build_app(
+    engine: AsyncLLMEngine,
+    served_model: str,
+    *,
+    manage_engine: bool = True,
+    options: ServerOptions | None = None,
+    aliases: Iterable[str] = (),
+) -> FastAPI:
+    """The app for ``engine``; with ``manage_engine`` its lifespan starts and stops it.
+
+    ``served_model`` is the id ``/v1/models`` lists; requests may name it or one of
+    ``aliases`` (the model's own name, when it is served under another).
+    """
+    options = options or ServerOptions()
+    accepted = {served_model, *aliases}
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -98,11 +119,25 @@ def build_app(engine: AsyncLLMEngine, served_model: str, *, manage_engine: bool 
                 # A step may run for a while on CPU; do not block the event loop meanwhile.
                 await asyncio.to_thread(engine.shutdown)
 
-    app = FastAPI(title="kvcompress", version="0.1.0", lifespan=lifespan)
+    docs = options.docs != "off"
+    app = FastAPI(
+        title="kvcompress",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     metrics = ServerMetrics(engine, served_model)
     created = r.now()
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.options = options
+    app.add_middleware(
+        RequestGuard,
+        options=options,
+        on_reject=lambda status: metrics.rejected.labels(str(status)).inc(),
+    )
 
     def reject(err: p.APIError) -> JSONResponse:
         metrics.rejected.labels(str(err.status)).inc()
@@ -143,9 +178,11 @@ def build_app(engine: AsyncLLMEngine, served_model: str, *, manage_engine: bool 
     async def models() -> dict[str, Any]:
         return r.model_list(served_model, created, engine.max_model_len)
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+    if options.metrics != "off":
+
+        @app.get("/metrics")
+        async def prometheus() -> Response:
+            return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.post("/v1/completions")
     async def completions(body: p.CompletionRequest, request: Request) -> Response:
@@ -161,7 +198,7 @@ def build_app(engine: AsyncLLMEngine, served_model: str, *, manage_engine: bool 
         return await serve(request, body, prompt, "chat", arrival)
 
     def check_model(body: p.CommonRequest) -> None:
-        if body.model is not None and body.model != served_model:
+        if body.model is not None and body.model not in accepted:
             raise p.APIError(
                 f"the model {body.model!r} does not exist; this server serves {served_model!r}",
                 404,

@@ -26,10 +26,16 @@ from kvcompress.compress import compression_fields
 from kvcompress.engine import SamplingParams
 from kvcompress.errors import InvalidParameterError
 
+# Integers go on into torch (tensors, generators) as 64-bit values; a larger one would fail
+# deep in the engine with an overflow that names no field, so the range is checked here.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+Int = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
 Float = Annotated[StrictFloat, Field(allow_inf_nan=False)]
-PositiveInt = Annotated[StrictInt, Field(ge=1)]
+PositiveInt = Annotated[StrictInt, Field(ge=1, le=INT64_MAX)]
+# What torch.Generator.manual_seed accepts: any signed or unsigned 64-bit value.
+Seed = Annotated[StrictInt, Field(ge=INT64_MIN, le=2**64 - 1)]
 
-_STRICT: dict[type, Any] = {str: StrictStr, int: StrictInt, float: Float, bool: StrictBool}
+_STRICT: dict[type, Any] = {str: StrictStr, int: Int, float: Float, bool: StrictBool}
 
 # KV-Compress: per-request compression fields, one per CompressionParams field. A field left
 # out takes the server's default; an explicit null clears a nullable default (for example
@@ -87,19 +93,19 @@ class CommonRequest(CompressionFields):  # type: ignore[misc, valid-type]
     max_tokens: PositiveInt | None = None
     temperature: Annotated[Float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[Float, Field(gt=0, le=1)] = 1.0
-    n: Annotated[StrictInt, Field(ge=1)] = 1
+    n: PositiveInt = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    seed: Seed | None = None
     user: StrictStr | None = None
     presence_penalty: Annotated[Float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[Float, Field(ge=-2, le=2)] = 0.0
     logit_bias: dict[StrictStr, Float] | None = None
     # Beyond OpenAI, as vLLM-style servers accept them.
-    top_k: Annotated[StrictInt, Field(ge=0)] = 0
+    top_k: Annotated[StrictInt, Field(ge=0, le=INT64_MAX)] = 0
     ignore_eos: StrictBool = False
-    stop_token_ids: list[StrictInt] | None = None
+    stop_token_ids: list[Int] | None = None
 
     def compression_overrides(self) -> dict[str, Any]:
         """The compression fields the request gave (null included: it clears a default)."""
@@ -143,8 +149,8 @@ class CompletionRequest(CommonRequest):
     prompt: StrictStr | list[StrictInt] | list[StrictStr]
     echo: StrictBool = False
     suffix: StrictStr | None = None
-    best_of: StrictInt | None = None
-    logprobs: StrictInt | None = None
+    best_of: Int | None = None
+    logprobs: Int | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -222,7 +228,7 @@ class ChatCompletionRequest(CommonRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: PositiveInt | None = None
     logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = None
+    top_logprobs: Int | None = None
     tools: list[Any] | None = None
 
     def requested_max_tokens(self) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import signal
 import subprocess
@@ -235,6 +236,19 @@ BAD_REQUESTS = [
     ("completions", {"prompt": "hi", "policy": None}, 400, "policy", "cannot be null"),
     ("completions", {"prompt": "hi", "top_p": 0.0}, 400, "top_p", "greater than"),
     ("completions", {"prompt": "hi", "n": 2}, 400, "n", "n=1"),
+    # Numbers beyond 64 bits are named, not an overflow deep in torch.
+    ("completions", {"prompt": "hi", "seed": 2**64}, 400, "seed", "less than"),
+    ("completions", {"prompt": "hi", "seed": -(2**63) - 1}, 400, "seed", "greater than"),
+    ("completions", {"prompt": "hi", "max_tokens": 2**63}, 400, "max_tokens", "less than"),
+    ("completions", {"prompt": "hi", "top_k": 2**63}, 400, "top_k", "less than"),
+    ("completions", {"prompt": "hi", "n": 2**70}, 400, "n", "less than"),
+    ("completions", {"prompt": "hi", "stop_token_ids": [2**64]}, 400, "stop_token_ids.0", "less"),
+    ("completions", {"prompt": "hi", "protected_window": 10**30}, 400, "protected_window", "less"),
+    ("completions", {"prompt": "hi", "sinks": 2**63}, 400, "sinks", "less than"),
+    ("completions", {"prompt": "hi", "max_cache_tokens": 2**64}, 400, "max_cache_tokens", "less"),
+    # Lone UTF-16 surrogates cannot be tokenized: a 400 that says so, not a 500.
+    ("completions", {"prompt": "abc \ud800 def"}, 400, "prompt", "surrogate"),
+    ("completions", {"prompt": ["\udfff"]}, 400, "prompt", "surrogate"),
     ("chat/completions", {"messages": []}, 400, "messages", "at least 1"),
     ("chat/completions", {"messages": "hi"}, 400, "messages", "valid list"),
     (
@@ -245,6 +259,13 @@ BAD_REQUESTS = [
         "user",
     ),
     ("chat/completions", {"messages": [{"role": "user", "content": ""}]}, 400, "messages", "empty"),
+    (
+        "chat/completions",
+        {"messages": [{"role": "user", "content": "abc \ud800 def"}]},
+        400,
+        "messages",
+        "surrogate",
+    ),
     (
         "chat/completions",
         {"messages": [{"role": "user", "content": "x"}], "model": "nope"},
@@ -264,7 +285,10 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize(("path", "body", "status", "param", "words"), BAD_REQUESTS)
 def test_bad_request(server, path, body, status, param, words):
-    resp = httpx.post(f"{server.url}/v1/{path}", json=body, timeout=60)
+    # json.dumps escapes lone surrogates ("\\ud800"), as a client in any language may send.
+    raw = json.dumps(body).encode()
+    headers = {"content-type": "application/json"}
+    resp = httpx.post(f"{server.url}/v1/{path}", content=raw, headers=headers, timeout=60)
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -300,6 +324,45 @@ def test_errors_through_the_openai_client(client):
     assert info.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError, match="policy"):
         client.completions.create(model=MODEL, prompt="hi", extra_body={"policy": "nope"})
+
+
+def test_seed_at_the_top_of_its_range_is_served(client):
+    resp = client.completions.create(
+        model=MODEL, prompt="Hello", max_tokens=2, temperature=1.0, seed=2**64 - 1
+    )
+    assert resp.usage.completion_tokens == 2
+
+
+def test_streams_keep_going_while_a_huge_prompt_is_rejected(server):
+    """A 2 MB prompt takes seconds to tokenize; that must not stop the running streams."""
+    huge = " ".join(["word"] * 400_000)
+    body = {"prompt": "Tell me a long story.", "max_tokens": 400, "ignore_eos": True}
+    events = 0
+    seen: dict[str, int] = {}
+
+    def reject() -> None:
+        seen["sent"] = events
+        resp = httpx.post(f"{server.url}/v1/completions", json={"prompt": huge}, timeout=120)
+        seen["answered"] = events
+        seen["status"] = resp.status_code
+        seen["code"] = resp.json()["error"]["code"]
+
+    rejecter = threading.Thread(target=reject)
+    with httpx.stream(
+        "POST", f"{server.url}/v1/completions", json=body | {"stream": True}, timeout=120
+    ) as resp:
+        for line in resp.iter_lines():
+            events += line.startswith("data:")
+            if events == 2 and not rejecter.is_alive() and "sent" not in seen:
+                rejecter.start()
+            if "answered" in seen:
+                break
+    rejecter.join()
+    assert seen["status"] == 400 and seen["code"] == "context_length_exceeded"
+    # Tokens kept arriving while the huge prompt was tokenized and rejected (on the engine
+    # thread, the stream stalled until the 400 was out).
+    assert seen["answered"] - seen["sent"] >= 3, seen
+    wait_all_blocks_free(server.url)
 
 
 def test_server_still_serves_after_bad_input(server, client):
@@ -481,7 +544,7 @@ def test_serve_command_ends_open_streams_and_exits_on_sigint():
 def test_load_clients_against_the_server(server):
     cfg = LoadConfig(clients=2, duration=1.0, prompt_len=16, max_tokens=3, grace=30)
     prompts = [[1000 + i] * cfg.prompt_len for i in range(4)]
-    records, elapsed = asyncio.run(drive(server.url, prompts, cfg))
-    assert records and all(r.error is None for r in records)
-    assert all(r.tokens == 3 and r.first is not None and len(r.gaps) == 2 for r in records)
-    assert elapsed >= 1.0
+    run = asyncio.run(drive(server.url, prompts, cfg))
+    assert run.records and all(r.error is None for r in run.records)
+    assert all(r.tokens == 3 and r.first is not None and len(r.gaps) == 2 for r in run.records)
+    assert run.elapsed >= 1.0 and run.probes == []
