@@ -2,8 +2,9 @@
 
 A fake step does what the model runner does to the cache (``prepare_append`` for the batch,
 then a random metric for the new KVs) and what the engine does to the sequences (computed
-tokens advance; one output token for each that samples, then ``after_step``). A thin ``Compressor`` subclass records every call, with
-the scheduler's state at that moment, and then compresses for real.
+tokens advance; one output token for each that samples, then ``after_step``). A thin
+``Compressor`` subclass records every call, with the scheduler's state at that moment, and
+then compresses for real.
 """
 
 from __future__ import annotations
