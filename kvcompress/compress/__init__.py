@@ -1,6 +1,8 @@
-"""KV-Compress: metrics, block-aligned eviction planning and compaction (engine-agnostic)."""
+"""KV-Compress: metrics, scorers, block-aligned eviction planning and compaction
+(engine-agnostic)."""
 
 from kvcompress.compress.compressor import CompressionStats, Compressor
+from kvcompress.compress.inspection import KeptKVs, kept_kvs
 from kvcompress.compress.metrics import METRICS, MetricConfig, decode_metric, window_metric
 from kvcompress.compress.params import (
     BUDGET_FIELDS,
@@ -11,19 +13,37 @@ from kvcompress.compress.params import (
     compression_fields,
 )
 from kvcompress.compress.planner import EvictionPlan
+from kvcompress.compress.scorers import (
+    SCORERS,
+    ScoreContext,
+    Scorer,
+    ScorerInputs,
+    expected_attention,
+    last_query_attention,
+    queries_seen,
+)
 
 __all__ = [
     "BUDGET_FIELDS",
     "METRICS",
     "POLICIES",
+    "SCORERS",
     "CompressionParams",
     "CompressionStats",
     "Compressor",
     "EvictionPlan",
+    "KeptKVs",
     "MetricConfig",
     "ParamField",
     "Policy",
+    "ScoreContext",
+    "Scorer",
+    "ScorerInputs",
     "compression_fields",
     "decode_metric",
+    "expected_attention",
+    "kept_kvs",
+    "last_query_attention",
+    "queries_seen",
     "window_metric",
 ]

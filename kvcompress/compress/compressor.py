@@ -1,8 +1,9 @@
 """Compress many sequences of a paged cache in batched passes.
 
-The pipeline per pass: gather every head's slots -> score -> sort -> choose chunks (policy) ->
-compaction. Sequences are grouped by allocation policy (at most a handful of groups), and a
-pass holds at most ``max_kvs_per_pass`` KVs, since sorting costs memory proportional to it.
+The pipeline per pass: gather every head's slots -> score (the request's scorer, see
+:mod:`kvcompress.compress.scorers`) -> sort -> choose chunks (policy) -> compaction. Sequences
+are grouped by allocation policy and scorer (at most a handful of groups), and a pass holds at
+most ``max_kvs_per_pass`` KVs, since sorting costs memory proportional to it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from kvcompress.cache import HeadView, PagedKVCache
 from kvcompress.compress import budget
 from kvcompress.compress.compaction import compact
+from kvcompress.compress.metrics import MetricConfig
 from kvcompress.compress.params import CompressionParams
 from kvcompress.compress.planner import (
     chunk_scores,
@@ -25,7 +27,9 @@ from kvcompress.compress.planner import (
     select_per_head,
     sort_scores,
 )
+from kvcompress.compress.scorers import SCORERS, ScoreContext, ScorerInputs
 from kvcompress.compress.workspace import Workspace
+from kvcompress.errors import InvalidParameterError
 
 
 class CompressionStats(NamedTuple):
@@ -36,21 +40,50 @@ class CompressionStats(NamedTuple):
 
 
 class Compressor:
-    def __init__(self, cache: PagedKVCache, max_kvs_per_pass: int = 1 << 24, seed: int = 0) -> None:
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        max_kvs_per_pass: int = 1 << 24,
+        seed: int = 0,
+        metric_config: MetricConfig | None = None,
+    ) -> None:
         if max_kvs_per_pass < 1:
             raise ValueError(f"max_kvs_per_pass must be >= 1, got {max_kvs_per_pass}")
         self.cache = cache
+        # How the metric was collected (window, buffer): the "avg" divisor depends on it.
+        self.metric_config = metric_config or MetricConfig()
         self.max_kvs_per_pass = max_kvs_per_pass
         self._generator = torch.Generator(device=cache.config.device).manual_seed(seed)
         self.workspace = Workspace(cache.config.device)
 
     @torch.inference_mode()
     def compress(
-        self, seq_slots: Sequence[int], params: Sequence[CompressionParams]
+        self,
+        seq_slots: Sequence[int],
+        params: Sequence[CompressionParams],
+        inputs: ScorerInputs | None = None,
     ) -> CompressionStats:
-        """Evict down to each sequence's budget; sequences already within it are untouched."""
+        """Evict down to each sequence's budget; sequences already within it are untouched.
+
+        ``inputs`` carries what some scorers need from the engine, one row per sequence
+        (see :class:`ScorerInputs`); a scorer whose input is missing is refused before any
+        change (``InvalidParameterError`` naming ``scorer``).
+        """
         if len(seq_slots) != len(params):
             raise ValueError("one CompressionParams per sequence slot")
+        inputs = inputs or ScorerInputs()
+        for p in params:
+            missing = [
+                name
+                for name in SCORERS[p.effective_scorer].requires
+                if getattr(inputs, name) is None
+            ]
+            if p.evicts and missing:
+                raise InvalidParameterError(
+                    f"scorer {p.effective_scorer!r} needs {', '.join(missing)}, which this "
+                    "caller does not provide",
+                    param="scorer",
+                )
         # A sequence twice in one call would be compacted twice from the same view: its blocks
         # are freed twice (the pool silently corrupts) and its lengths go wrong.
         seen: set[int] = set()
@@ -59,15 +92,16 @@ class Compressor:
                 raise ValueError(f"sequence slot {int(slot)} appears more than once in compress")
             seen.add(int(slot))
         start = time.perf_counter()
-        groups: dict[str, list[int]] = {}
+        groups: dict[tuple[str, str], list[int]] = {}
         for i, p in enumerate(params):
             if p.evicts:
-                groups.setdefault(p.policy, []).append(i)
+                groups.setdefault((p.policy, p.effective_scorer), []).append(i)
         kvs = blocks = 0
         for members in groups.values():
             for batch in self._passes([seq_slots[i] for i in members]):
+                rows = [members[i] for i in batch]
                 e, b = self._compress_pass(
-                    [seq_slots[members[i]] for i in batch], [params[members[i]] for i in batch]
+                    [seq_slots[i] for i in rows], [params[i] for i in rows], inputs.select(rows)
                 )
                 kvs += e
                 blocks += b
@@ -93,14 +127,16 @@ class Compressor:
             passes.append(current)
         return passes
 
-    def _compress_pass(self, slots: list[int], params: list[CompressionParams]) -> tuple[int, int]:
+    def _compress_pass(
+        self, slots: list[int], params: list[CompressionParams], inputs: ScorerInputs
+    ) -> tuple[int, int]:
         cache = self.cache
         dev = cache.config.device
         seq_slots = torch.tensor(slots, dtype=torch.long, device=dev)
         view = cache.head_view(seq_slots)
         if view.width == 0:
             return 0, 0
-        scores = self._scores(seq_slots, view, params)
+        scores = self.scores(seq_slots, view, params, inputs)
         sorted_scores = sort_scores(
             scores, self.workspace.get("sorted", scores.shape, torch.float32)
         )
@@ -136,37 +172,52 @@ class Compressor:
         blocks = compact(cache, seq_slots, view, plan, self.workspace)
         return int(plan.evict_counts.sum().item()), blocks
 
-    def _scores(
-        self, seq_slots: torch.Tensor, view: HeadView, params: list[CompressionParams]
+    def scores(
+        self,
+        seq_slots: torch.Tensor,
+        view: HeadView,
+        params: list[CompressionParams],
+        inputs: ScorerInputs | None = None,
     ) -> torch.Tensor:
-        """Eviction scores ``[S, LH, width]``, all >= 0: low is evicted first, +inf never."""
+        """Eviction scores ``[S, LH, width]`` of sequences sharing one scorer: low is evicted
+        first, ``+inf`` never (protected window, sinks, padding)."""
         cache = self.cache
-        spec = params[0].policy_spec
         rows = view.blocks.numel()
-        ws = self.workspace
         positions = view.gather(
-            cache.position, ws.get("positions", (rows, cache.block_size), torch.int32)
+            cache.position, self.workspace.get("positions", (rows, cache.block_size), torch.int32)
         )
-        seq_lens = cache.seq_lens[seq_slots].view(-1, 1, 1).int()
-        if spec.score == "position":
-            scores = positions.float()
-        elif spec.score == "random":
-            shape = positions.shape
-            scores = torch.rand(shape, generator=self._generator, device=positions.device)
-        else:
-            scores = view.gather(
-                cache.metric, ws.get("scores", (rows, cache.block_size), torch.float32)
-            )
-            averaged = [p.effective_metric.endswith("avg") for p in params]
-            if any(averaged):
-                seen = (seq_lens - positions).clamp(min=1).float()
-                mask = torch.tensor(averaged, device=scores.device).view(-1, 1, 1)
-                scores = torch.where(mask, scores / seen, scores)
-        dev = scores.device
-        window = self._col(params, "protected_window", dev).view(-1, 1, 1).int()
-        sinks = self._col(params, "sinks", dev).view(-1, 1, 1).int()
-        keep = (positions >= seq_lens - window) | (positions < sinks) | ~view.valid()
+        seq_lens = cache.seq_lens[seq_slots]
+        dev = positions.device
+        ctx = ScoreContext(
+            cache=cache,
+            view=view,
+            seq_slots=seq_slots,
+            positions=positions,
+            seq_lens=seq_lens,
+            params=params,
+            inputs=inputs or ScorerInputs(),
+            window_size=self._metric_setting(params, "window_size", dev),
+            collection_buffer=self._metric_setting(params, "collection_buffer", dev),
+            workspace=self.workspace,
+            generator=self._generator,
+        )
+        scores = SCORERS[params[0].effective_scorer].scores(ctx)
+        col = (-1, 1, 1)
+        window = self._col(params, "protected_window", dev).view(col)
+        sinks = self._col(params, "sinks", dev).view(col)
+        keep = (positions >= seq_lens.view(col) - window) | (positions < sinks) | ~view.valid()
         return scores.masked_fill_(keep, float("inf"))
+
+    def _metric_setting(
+        self, params: list[CompressionParams], name: str, device: torch.device
+    ) -> torch.Tensor:
+        """``[S]`` long: a metric-collection setting per request, where the request carries
+        one, else the engine-wide :class:`MetricConfig`."""
+        default = getattr(self.metric_config, name)
+        values = [getattr(p, name, None) for p in params]
+        return torch.tensor(
+            [default if v is None else v for v in values], dtype=torch.long, device=device
+        )
 
     @staticmethod
     def _col(

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple
 
 from kvcompress.compress.metrics import METRICS, metric_power
+from kvcompress.compress.scorers import SCORERS
 from kvcompress.errors import InvalidParameterError
 
 Allocation = Literal["global", "per_head", "pyramid", "none"]
@@ -30,6 +31,12 @@ class Policy(NamedTuple):
     score: Score
     allocation: Allocation
     metric: str | None  # forces a metric variant; None: the request's own
+
+    @property
+    def fixed_scorer(self) -> str | None:
+        """The scorer that defines this policy (streaming: position, random: random), which
+        a request's ``scorer`` cannot change; None for the attention-scored policies."""
+        return None if self.score == "metric" else self.score
 
 
 POLICIES: dict[str, Policy] = {
@@ -91,6 +98,15 @@ class CompressionParams:
     )
     sinks: int = field(default=0, metadata=_doc("the first tokens, never evicted"))
     metric: str = field(default="l2-sum", metadata=_doc("eviction metric", METRICS))
+    scorer: str = field(
+        default="window",
+        metadata=_doc(
+            "how KVs are scored for the planner (window: the accumulated attention metric; "
+            "key-norm / expected-attention read no query, for a context compressed before "
+            "its question; streaming and random keep their own)",
+            tuple(SCORERS),
+        ),
+    )
     compress_once: bool = field(
         default=False, metadata=_doc("compress only once, right after the prefill")
     )
@@ -130,6 +146,8 @@ class CompressionParams:
                 raise bad(name, f"{name} must be an integer >= 0, got {value!r}")
         if self.metric not in METRICS:
             raise bad("metric", f"unknown metric {self.metric!r}; choose from {', '.join(METRICS)}")
+        if self.scorer not in SCORERS:
+            raise bad("scorer", f"unknown scorer {self.scorer!r}; choose from {', '.join(SCORERS)}")
         if not isinstance(self.compress_once, bool):
             raise bad(
                 "compress_once", f"compress_once must be a boolean, got {self.compress_once!r}"
@@ -181,6 +199,21 @@ class CompressionParams:
     @property
     def effective_metric(self) -> str:
         return self.policy_spec.metric or self.metric
+
+    @property
+    def effective_scorer(self) -> str:
+        """The scorer that ranks this request's KVs.
+
+        The rule: ``scorer`` applies to the policies that rank by attention (kvcompress,
+        uniform, pyramid, h2o: their allocation stays, only the score changes); streaming
+        and random ARE their score (position, random) and keep it whatever ``scorer`` says.
+        """
+        return self.policy_spec.fixed_scorer or self.scorer
+
+    @property
+    def uses_metric(self) -> bool:
+        """Whether the engine must accumulate the attention metric for this request."""
+        return SCORERS[self.effective_scorer].uses_metric
 
     @property
     def power(self) -> int:

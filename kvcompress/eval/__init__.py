@@ -3,7 +3,8 @@
 Data (no model code): synthetic RULER-style tasks (`ruler`), LongBench files (`longbench`),
 natural text (`texts`) and metrics (`scoring`). Sweeps: the grid (`sweep`), prompts as token
 ids (`prompts`), the job driver (`jobs`), the generation suites (`suites`), the natural-text
-suite (`fidelity`), results (`results`) and plots (`plots`).
+suite (`fidelity`), results (`results`) and plots (`plots`); which tokens of chosen
+spans each head kept (`kept_spans`, for ``kvcompress inspect``).
 
 Importing this package is cheap: torch, rouge-score and rapidfuzz are imported only by the
 metrics that use them, and the sweep names below are loaded on first use.
@@ -47,7 +48,16 @@ _LAZY: dict[str, tuple[str, ...]] = {
     "kvcompress.eval.jobs": ("Job", "run_jobs"),
     "kvcompress.eval.suites": ("LongBenchSpec", "RulerSpec", "run_longbench", "run_ruler"),
     "kvcompress.eval.fidelity": ("FidelitySpec", "run_fidelity"),
-    "kvcompress.eval.plots": ("write_plots",),
+    "kvcompress.eval.plots": ("plot_explanation", "write_plots"),
+    "kvcompress.eval.kept_spans": (
+        "Explanation",
+        "KeptSource",
+        "Span",
+        "explain",
+        "explanation_rows",
+        "spans_of_text",
+        "tokens_overlapping",
+    ),
 }
 _LAZY_MODULE = {name: module for module, names in _LAZY.items() for name in names}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from kvcompress.eval.results import EvalResult, KeptGrid, Row
 
-__all__ = ["plot_kept_heatmap", "plot_scores", "write_plots"]
+__all__ = ["plot_explanation", "plot_kept_heatmap", "plot_scores", "write_plots"]
 
 _MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")
 
@@ -137,3 +137,32 @@ def write_plots(result: EvalResult, plot_dir: str | Path) -> list[Path]:
     if result.kept is not None:
         written.append(plot_kept_heatmap(result.kept, directory / f"{result.suite}_kept_kvs.png"))
     return written
+
+
+def plot_explanation(explanation, path: str | Path) -> Path:
+    """Per (layer, KV head): the budget (KVs kept), then the share of each span kept.
+
+    The same layout as :func:`plot_kept_heatmap` (columns: layers, rows: KV heads), so the
+    two figures read side by side.
+    """
+    import numpy as np
+
+    budgets = np.asarray(explanation.budgets, dtype=float).T  # [head, layer]
+    panels = [("KVs kept", budgets, None)]
+    for s, span in enumerate(explanation.spans):
+        share = np.asarray(explanation.held[..., s], dtype=float).T / max(len(span.positions), 1)
+        panels.append((f"{span.label!r} kept", share, 1.0))
+    heads = budgets.shape[0]
+    fig = _figure(9.0, 0.6 + len(panels) * (0.35 * heads + 0.8))
+    axes = fig.subplots(len(panels), 1, squeeze=False).ravel()
+    for ax, (title, array, vmax) in zip(axes, panels, strict=True):
+        image = ax.imshow(array, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+        ax.set_title(title, fontsize="small")
+        ax.set_yticks(range(heads))
+        ax.tick_params(labelsize="x-small")
+        fig.colorbar(image, ax=ax, label="share" if vmax else "KVs")
+    axes[-1].set_xlabel("layer (rows of each panel: KV heads)")
+    fig.suptitle(f"what each KV head kept ({explanation.kept.seq_len} tokens)")
+    target = Path(path)
+    fig.savefig(target, dpi=120)
+    return target

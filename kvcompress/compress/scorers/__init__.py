@@ -1,0 +1,53 @@
+"""Scorers: what varies between eviction methods while the block-aligned planner stays.
+
+Every scorer implements :class:`Scorer` (``scores(ctx) -> [S, LH, width]``, low evicted
+first) and is registered here by name; ``CompressionParams.scorer`` picks one per request.
+
+=====================  =========================================================  ==========
+name                   score                                                      query-free
+=====================  =========================================================  ==========
+``window``             accumulated attention metric (observation window + decode)  no
+``position``           token position (recency)                                    yes
+``random``             uniform random (a control)                                  yes
+``key-norm``           ``-||k||``: large-norm keys go first (KNorm)                 yes
+``expected-attention`` closed-form attention of Gaussian future queries            yes
+``last-query``         attention of the newest token's query (TOVA)                no
+=====================  =========================================================  ==========
+
+"query-free" scorers never look at the prompt's queries, so they suit compressing a context
+before its question is fed (``LLMEngine.add_request(..., suffix=question)``).
+"""
+
+from kvcompress.compress.scorers.base import ScoreContext, Scorer, ScorerInputs
+from kvcompress.compress.scorers.expected_attention import (
+    ExpectedAttentionScorer,
+    expected_attention,
+)
+from kvcompress.compress.scorers.key_norm import KeyNormScorer, key_norm_scores
+from kvcompress.compress.scorers.last_query import LastQueryScorer, last_query_attention
+from kvcompress.compress.scorers.position import PositionScorer
+from kvcompress.compress.scorers.random_order import RandomScorer
+from kvcompress.compress.scorers.window import WindowScorer, queries_seen
+
+SCORERS: dict[str, Scorer] = {
+    s.name: s
+    for s in (
+        WindowScorer(),
+        PositionScorer(),
+        RandomScorer(),
+        KeyNormScorer(),
+        ExpectedAttentionScorer(),
+        LastQueryScorer(),
+    )
+}
+
+__all__ = [
+    "SCORERS",
+    "ScoreContext",
+    "Scorer",
+    "ScorerInputs",
+    "expected_attention",
+    "key_norm_scores",
+    "last_query_attention",
+    "queries_seen",
+]

@@ -1,0 +1,82 @@
+"""The one interface every scorer implements, and what a scorer is given.
+
+A scorer answers one question for the planner: how valuable is each held KV? It returns
+``[S, LH, width]`` scores in block-table order (the layout of :class:`~kvcompress.cache.HeadView`),
+low evicted first. The compressor then marks protected, sink and padding slots ``+inf`` and
+the block-aligned planner is the same for every scorer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+import torch
+
+from kvcompress.cache import HeadView, PagedKVCache
+from kvcompress.compress.workspace import Workspace
+
+if TYPE_CHECKING:
+    from kvcompress.compress.params import CompressionParams
+
+
+class ScorerInputs(NamedTuple):
+    """Per-sequence facts the engine knows and the cache does not (all optional).
+
+    Rows follow the ``seq_slots`` given to :meth:`Compressor.compress`.
+
+    - ``prefill_lens [S]``: tokens the sequence held when its last prefill ended (the end of
+      the metric's observation window; a preempted sequence's recompute counts). ``None``:
+      the current length, exact for the compression right after a prefill.
+    - ``last_queries [S, L, Hq, D]``: post-RoPE query of each sequence's newest token, for
+      the ``last-query`` scorer.
+    - ``query_mean``, ``query_var [S, L, Hq, D]``: mean and variance of recent post-RoPE
+      queries (for example the prefill's observation window), for ``expected-attention``.
+    """
+
+    prefill_lens: torch.Tensor | None = None
+    last_queries: torch.Tensor | None = None
+    query_mean: torch.Tensor | None = None
+    query_var: torch.Tensor | None = None
+
+    def select(self, rows: list[int]) -> ScorerInputs:
+        """The rows of some sequences (a compression pass)."""
+        return ScorerInputs(*(None if t is None else t[rows] for t in self))
+
+
+class ScoreContext(NamedTuple):
+    """Everything a scorer may read for one compression pass of ``S`` sequences."""
+
+    cache: PagedKVCache
+    view: HeadView
+    seq_slots: torch.Tensor  # [S] long
+    positions: torch.Tensor  # [S, LH, width] int32: original token position of each slot
+    seq_lens: torch.Tensor  # [S] long: tokens seen
+    params: list[CompressionParams]  # one per sequence, all with the same scorer
+    inputs: ScorerInputs  # already restricted to this pass's sequences
+    window_size: torch.Tensor  # [S] long: the prefill metric's observation window
+    collection_buffer: torch.Tensor  # [S] long: query-key distance below which nothing counts
+    workspace: Workspace
+    generator: torch.Generator
+
+    @property
+    def scale(self) -> float:
+        """Attention logit scale (1/sqrt(head_dim), as in every supported model)."""
+        return self.cache.head_dim**-0.5
+
+
+class Scorer(Protocol):
+    """One way to score KVs. Stateless; registered by name in :data:`SCORERS`."""
+
+    name: str
+    # The engine must accumulate the attention metric for this scorer (prefill window plus
+    # decode steps); the others leave it alone and let decode take the fused path.
+    uses_metric: bool
+    # ScorerInputs fields without which this scorer cannot run.
+    requires: tuple[str, ...]
+    # Scores without looking at any query of the prompt: the choice for compressing a
+    # context before its question arrives (``suffix`` / ``--compress-context-only``).
+    query_agnostic: bool
+
+    def scores(self, ctx: ScoreContext) -> torch.Tensor:
+        """``[S, LH, width]`` float32, low evicted first (padding may hold anything)."""
+        ...

@@ -1,0 +1,19 @@
+"""Keys of every held KV, read through the block tables (shared by the key-based scorers)."""
+
+from __future__ import annotations
+
+import torch
+
+from kvcompress.compress.scorers.base import ScoreContext
+
+
+def gather_keys(ctx: ScoreContext) -> torch.Tensor:
+    """``[S, LH, width, head_dim]`` float32 keys (post-RoPE, as stored)."""
+    return ctx.view.gather(ctx.cache.k_pool).float()
+
+
+def query_rows(queries: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``[S, L, Hq, D] -> [S, L * Hkv, G, D]``: each KV head's GQA group of query heads
+    (query head ``h`` reads KV head ``h // G``), on the compressor's (layer, head) rows."""
+    S, L, Hq, D = queries.shape
+    return queries.float().reshape(S, L * num_kv_heads, Hq // num_kv_heads, D)

@@ -1,0 +1,219 @@
+"""Scorers: each ranks KVs its own way, and the same block-aligned planner frees real blocks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvcompress.cache import CacheConfig, PagedKVCache
+from kvcompress.compress import (
+    SCORERS,
+    CompressionParams,
+    Compressor,
+    ScorerInputs,
+    expected_attention,
+    last_query_attention,
+    queries_seen,
+)
+from kvcompress.errors import InvalidParameterError
+from tests.compress.reference_planner import head_contents, queries_counted
+
+LAYERS, HEADS, DIM, BS = 2, 2, 4, 4
+
+
+def make_cache(length: int, *, seed: int = 0, block_size: int = BS):
+    cfg = CacheConfig(
+        num_layers=LAYERS,
+        num_kv_heads=HEADS,
+        head_dim=DIM,
+        block_size=block_size,
+        kv_cache_memory=400 * block_size * (2 * DIM * 4 + 8),
+        dtype=torch.float32,
+        max_seqs=4,
+        max_model_len=512,
+    )
+    cache = PagedKVCache(cfg)
+    slot = cache.allocate_seq()
+    plan = cache.prepare_append(torch.tensor([slot]), torch.tensor([length]))
+    gen = torch.Generator().manual_seed(seed)
+    for layer in range(LAYERS):
+        k = torch.randn(length, HEADS, DIM, generator=gen)
+        cache.write(layer, plan.slots[layer], k, torch.randn(length, HEADS, DIM, generator=gen))
+    cache.metric.view(-1)[plan.slots.reshape(-1)] = torch.rand(plan.slots.numel(), generator=gen)
+    return cache, slot
+
+
+def keys_of(cache, slot, layer, head):
+    """{position: key} of one head, through the block tables."""
+    out = {}
+    for i, pos, _ in head_contents(cache, slot, layer, head):
+        block = int(cache.block_tables[layer, slot, head, i // cache.block_size])
+        out[pos] = cache.k_pool[block, i % cache.block_size].clone()
+    return out
+
+
+# --- the "avg" divisor ----------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    prefill=st.integers(1, 40),
+    decoded=st.integers(0, 10),
+    window=st.integers(1, 48),
+    buffer=st.integers(0, 5),
+    data=st.data(),
+)
+def test_queries_seen_counts_exactly_the_queries_that_added(prefill, decoded, window, buffer, data):
+    seq_len = prefill + decoded
+    pos = data.draw(st.integers(0, seq_len - 1))
+    got = queries_seen(
+        torch.tensor(pos),
+        torch.tensor(seq_len),
+        torch.tensor(prefill),
+        torch.tensor(window),
+        torch.tensor(buffer),
+    )
+    assert int(got) == queries_counted(pos, seq_len, prefill, window, buffer)
+
+
+def test_avg_divides_by_the_window_not_by_every_later_query():
+    cache, slot = make_cache(100)
+    view = cache.head_view(torch.tensor([slot]))
+    params = [CompressionParams(metric="l2-avg", protected_window=0)]
+    comp = Compressor(cache)
+    # The prefill ended at 90 tokens; 10 decode steps collected since.
+    inputs = ScorerInputs(prefill_lens=torch.tensor([90]))
+    scores = comp.scores(torch.tensor([slot]), view, params, inputs)
+    for i, pos, metric in head_contents(cache, slot, 1, 0):
+        # 32 window queries saw every prompt KV up to position 58; then the 10 decode steps.
+        expected = 32 + 10 if pos <= 58 else (90 - pos) + 10 if pos < 90 else 100 - pos
+        assert scores[0, HEADS, i].item() == pytest.approx(metric / expected)
+
+
+# --- the rule: which scorer ranks a request ---------------------------------------------------
+
+
+def test_scorer_overrides_attention_policies_but_not_streaming_or_random():
+    assert CompressionParams().effective_scorer == "window"
+    assert CompressionParams("uniform", scorer="key-norm").effective_scorer == "key-norm"
+    assert CompressionParams("h2o", scorer="expected-attention").uses_metric is False
+    assert CompressionParams("streaming", scorer="key-norm").effective_scorer == "position"
+    assert CompressionParams("random", scorer="window").effective_scorer == "random"
+    assert CompressionParams().uses_metric and not CompressionParams(scorer="key-norm").uses_metric
+    with pytest.raises(InvalidParameterError) as info:
+        CompressionParams(scorer="snapkv")
+    assert info.value.param == "scorer"
+    assert {s.name for s in SCORERS.values() if s.query_agnostic} >= {
+        "key-norm",
+        "expected-attention",
+    }
+
+
+# --- each scorer, through the same planner -------------------------------------------------
+
+
+@pytest.mark.parametrize("scorer", [s for s in SCORERS if s != "last-query"])
+@pytest.mark.parametrize("policy", ["kvcompress", "uniform"])
+def test_every_scorer_frees_exactly_the_budgeted_blocks(scorer, policy):
+    cache, slot = make_cache(61)
+    before = cache.pool.num_used
+    params = CompressionParams(policy, max_cache_tokens=16, protected_window=4, scorer=scorer)
+    stats = Compressor(cache).compress([slot], [params])
+    allowed = math.ceil(16 * LAYERS * HEADS / BS)
+    assert cache.blocks_held(slot) == allowed == cache.pool.num_used
+    assert stats.blocks_freed == before - allowed
+    assert cache.audit().ok
+    if policy == "uniform":
+        assert cache.context_lens[:, slot].flatten().tolist() == [16] * (LAYERS * HEADS)
+
+
+def test_key_norm_evicts_the_largest_keys_first():
+    cache, slot = make_cache(40, seed=3)
+    norms_before = {
+        (layer, head): {p: float(k.norm()) for p, k in keys_of(cache, slot, layer, head).items()}
+        for layer in range(LAYERS)
+        for head in range(HEADS)
+    }
+    params = CompressionParams(
+        "uniform", max_cache_tokens=12, protected_window=0, scorer="key-norm"
+    )
+    Compressor(cache).compress([slot], [params])
+    for (layer, head), norms in norms_before.items():
+        kept = set(keys_of(cache, slot, layer, head))
+        assert kept == set(sorted(norms, key=norms.get)[:12])
+
+
+def test_last_query_attention_matches_a_per_head_softmax():
+    gen = torch.Generator().manual_seed(1)
+    S, L, H, G, W, D = 2, 2, 2, 3, 5, 4
+    q = torch.randn(S, L, H * G, D, generator=gen)
+    keys = torch.randn(S, L * H, W, D, generator=gen)
+    valid = (
+        torch.arange(W).expand(S, L * H, W) < torch.tensor([[5, 3, 1, 4], [2, 5, 5, 0]])[..., None]
+    )
+    got = last_query_attention(q, keys, valid, 0.5)
+    for s in range(S):
+        for layer in range(L):
+            for h in range(H):
+                r = layer * H + h
+                n = int(valid[s, r].sum())
+                want = torch.zeros(W)
+                for g in range(G):
+                    logits = keys[s, r, :n] @ q[s, layer, h * G + g] * 0.5
+                    want[:n] += torch.softmax(logits, dim=0)
+                torch.testing.assert_close(got[s, r], want)
+
+
+def test_last_query_keeps_what_the_query_attends_and_needs_the_query():
+    cache, slot = make_cache(40, seed=5)
+    params = CompressionParams(
+        "uniform", max_cache_tokens=8, protected_window=0, scorer="last-query"
+    )
+    with pytest.raises(InvalidParameterError, match="last_queries"):
+        Compressor(cache).compress([slot], [params])
+    assert cache.context_lens[:, slot].flatten().tolist() == [40] * (LAYERS * HEADS)  # untouched
+    # A query equal to a large multiple of the key at position 7 of every head attends
+    # (almost) only there: that KV must survive everywhere.
+    q = torch.zeros(1, LAYERS, HEADS, DIM)
+    for layer in range(LAYERS):
+        for head in range(HEADS):
+            q[0, layer, head] = 50 * keys_of(cache, slot, layer, head)[7]
+    Compressor(cache).compress([slot], [params], ScorerInputs(last_queries=q))
+    for layer in range(LAYERS):
+        for head in range(HEADS):
+            assert 7 in keys_of(cache, slot, layer, head)
+
+
+def test_expected_attention_is_last_query_attention_for_a_point_estimate():
+    gen = torch.Generator().manual_seed(2)
+    mean = torch.randn(1, 4, 2, 3, generator=gen)  # [S, LH, G, D]
+    keys = torch.randn(1, 4, 6, 3, generator=gen)
+    valid = torch.ones(1, 4, 6, dtype=torch.bool)
+    point = expected_attention(mean, None, keys, valid, 0.7)
+    as_query = last_query_attention(mean.view(1, 2, 4, 3), keys, valid, 0.7)
+    torch.testing.assert_close(point, as_query)
+    # Variance adds s^2/2 * sum(var * k^2) to each logit: with var only on dimension 0 the
+    # key with the largest |k_0| gains the most.
+    var = torch.zeros_like(mean)
+    var[..., 0] = 4.0
+    spread = expected_attention(torch.zeros_like(mean), var, keys, valid, 0.7)
+    assert torch.equal(spread.argmax(-1), (keys[..., 0] ** 2).argmax(-1))
+
+
+def test_expected_attention_uses_given_query_statistics():
+    cache, slot = make_cache(40, seed=7)
+    params = CompressionParams(
+        "uniform", max_cache_tokens=8, protected_window=0, scorer="expected-attention"
+    )
+    mean = torch.zeros(1, LAYERS, HEADS, DIM)
+    for layer in range(LAYERS):
+        for head in range(HEADS):
+            mean[0, layer, head] = 50 * keys_of(cache, slot, layer, head)[11]
+    Compressor(cache).compress([slot], [params], ScorerInputs(query_mean=mean))
+    for layer in range(LAYERS):
+        for head in range(HEADS):
+            assert 11 in keys_of(cache, slot, layer, head)
