@@ -32,12 +32,8 @@ class TorchAttentionBackend:
         v: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        cache = self.cache
-        dtype = cache.k_pool.dtype
-        if k.dtype == dtype:
-            cache.write_tokens(meta.write_slots[layer], k, v)
-        else:
-            cache.write_tokens(meta.write_slots[layer], k.to(dtype), v.to(dtype))
+        # The cache converts to its storage dtype (fp8: with the layer's scales).
+        self.cache.write_tokens(meta.write_slots[layer], k, v, layer=layer)
         if meta.is_prefill:
             return self._prefill(layer, q, k, v, meta)
         return self._decode(layer, q, meta)
@@ -94,8 +90,9 @@ class TorchAttentionBackend:
         return o.transpose(1, 2)  # [B, n, Hq, D]
 
     # ------------------------------------------------------------------ decode
-    def _gather(self, layer: int, d: DecodeMetadata, batch: int):
-        """This layer's K and V of every head of the batch, ``[B, H, W, D]``."""
+    def _gather(self, layer: int, d: DecodeMetadata, batch: int, dtype: torch.dtype | None = None):
+        """This layer's K and V of every head of the batch, ``[B, H, W, D]``; an fp8 cache's
+        are dequantised to ``dtype`` (the queries')."""
         cache = self.cache
         index = d.blocks[layer]
         shape = (index.numel(), cache.block_size, cache.head_dim)
@@ -103,13 +100,17 @@ class TorchAttentionBackend:
         k = torch.index_select(cache.k_pool, 0, index, out=ws.get("k", shape, cache.k_pool.dtype))
         v = torch.index_select(cache.v_pool, 0, index, out=ws.get("v", shape, cache.v_pool.dtype))
         view = (batch, cache.num_kv_heads, d.width, cache.head_dim)
-        return k.view(view), v.view(view)
+        k, v = k.view(view), v.view(view)
+        if cache.quantized:
+            k = cache.dequantize(layer, k, "k", dtype or torch.float32)
+            v = cache.dequantize(layer, v, "v", dtype or torch.float32)
+        return k, v
 
     def _decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         d = meta.decode
         assert d is not None, "decode metadata is built by build_metadata"
         B, Hq, D = q.shape
-        k, v = self._gather(layer, d, B)
+        k, v = self._gather(layer, d, B, q.dtype)
         H = k.shape[1]
         # Each KV head's query heads as the rows of one query block ([B, H, G, D]): every
         # head's mask then broadcasts over its group, with no per-head copy of the mask.

@@ -1,7 +1,13 @@
 """KV-Compress: metrics, block-aligned eviction planning and compaction (engine-agnostic)."""
 
 from kvcompress.compress.compressor import CompressionStats, Compressor
-from kvcompress.compress.metrics import METRICS, MetricConfig, decode_metric, window_metric
+from kvcompress.compress.metrics import (
+    METRICS,
+    MetricConfig,
+    decode_metric,
+    pool_and_group,
+    window_metric,
+)
 from kvcompress.compress.params import (
     BUDGET_FIELDS,
     POLICIES,
@@ -25,5 +31,6 @@ __all__ = [
     "Policy",
     "compression_fields",
     "decode_metric",
+    "pool_and_group",
     "window_metric",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from kvcompress.attention import TorchAttentionBackend
+from kvcompress.attention import make_backend
 from kvcompress.cache import CacheConfig, PagedKVCache
 from kvcompress.compress import CompressionParams, Compressor
 from kvcompress.engine.config import EngineConfig
@@ -61,13 +61,13 @@ class LLMEngine:
             head_dim=mc.head_dim,
             kv_cache_memory=config.kv_cache_memory,
             block_size=config.block_size,
-            dtype=config.dtype,
+            dtype=config.kv_cache_dtype,
             device=self.device,
             max_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
         )
         self.cache = PagedKVCache(cache_config)
-        self.backend = TorchAttentionBackend(self.cache, config.metric)
+        self.backend = make_backend(config.attention_backend, self.cache, config.metric)
         loaded.model.set_attention_backend(self.backend)
         self.compressor = Compressor(self.cache, config.max_kvs_per_pass, seed=config.seed)
         self.scheduler = Scheduler(config, self.cache, self.compressor)
