@@ -3,12 +3,24 @@
 from typing import TYPE_CHECKING
 
 from kvcompress.attention.backend import AttentionBackend
-from kvcompress.attention.metadata import AttentionMetadata, DecodeMetadata
+from kvcompress.attention.metadata import AttentionMetadata, DecodeMetadata, build_metadata
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "DecodeMetadata", "TorchAttentionBackend"]
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "AttentionBackend",
+    "AttentionMetadata",
+    "DecodeMetadata",
+    "TorchAttentionBackend",
+    "TritonAttentionBackend",
+    "build_metadata",
+    "make_backend",
+    "resolve_backend",
+]
 
 if TYPE_CHECKING:
+    from kvcompress.attention.selection import ATTENTION_BACKENDS, make_backend, resolve_backend
     from kvcompress.attention.torch_backend import TorchAttentionBackend
+    from kvcompress.attention.triton_backend import TritonAttentionBackend
 
 
 def __getattr__(name: str):
@@ -18,4 +30,12 @@ def __getattr__(name: str):
         from kvcompress.attention.torch_backend import TorchAttentionBackend
 
         return TorchAttentionBackend
+    if name == "TritonAttentionBackend":  # imports Triton
+        from kvcompress.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend
+    if name in ("ATTENTION_BACKENDS", "make_backend", "resolve_backend"):
+        from kvcompress.attention import selection
+
+        return getattr(selection, name)
     raise AttributeError(f"module 'kvcompress.attention' has no attribute {name!r}")

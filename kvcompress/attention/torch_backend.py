@@ -21,6 +21,9 @@ from kvcompress.compress.workspace import Workspace
 
 
 class TorchAttentionBackend:
+    # The prefill window metric (a backend may swap in a kernel of the same signature).
+    window_metric = staticmethod(window_metric)
+
     def __init__(self, cache: PagedKVCache, metric_config: MetricConfig | None = None) -> None:
         self.cache = cache
         self.metric_config = metric_config or MetricConfig()
@@ -34,12 +37,8 @@ class TorchAttentionBackend:
         v: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        cache = self.cache
-        dtype = cache.k_pool.dtype
-        if k.dtype == dtype:
-            cache.write_tokens(meta.write_slots[layer], k, v)
-        else:
-            cache.write_tokens(meta.write_slots[layer], k.to(dtype), v.to(dtype))
+        # The cache converts to its storage dtype (fp8: with the layer's scales).
+        self.cache.write_tokens(meta.write_slots[layer], k, v, layer=layer)
         nd = meta.num_decode
         if not meta.chunks:
             return self._decode(layer, q, meta)
@@ -86,7 +85,9 @@ class TorchAttentionBackend:
         start, end = chunk.start, chunk.end
         w = min(self.metric_config.window_size, end - start)
         q_win = q[end - w : end].transpose(0, 1)  # [Hq, w, D]
-        metric = window_metric(q_win, k[start:end], scale, chunk.metric_power, self.metric_config)
+        metric = self.window_metric(
+            q_win, k[start:end], scale, chunk.metric_power, self.metric_config
+        )
         slots = meta.append.slots[layer][:, start:end]  # [H, n]
         self.cache.metric.view(-1)[slots.reshape(-1)] = metric.reshape(-1)
 
@@ -104,6 +105,9 @@ class TorchAttentionBackend:
         index = h.blocks[layer]
         keys = cache.k_pool.index_select(0, index).view(H, h.width, D)
         values = cache.v_pool.index_select(0, index).view(H, h.width, D)
+        if cache.quantized:
+            keys = cache.dequantize(layer, keys, "k", q.dtype)
+            values = cache.dequantize(layer, values, "v", q.dtype)
         old = h.old_lens[layer]  # [H, 1, 1]
         visible = h.offsets <= old + h.query_offsets  # [H, n, W]
         # Each KV head's query heads as one block of rows: the head's mask serves its group.
@@ -172,8 +176,9 @@ class TorchAttentionBackend:
         return o.transpose(1, 2)  # [B, n, Hq, D]
 
     # ------------------------------------------------------------------ decode
-    def _gather(self, layer: int, d: DecodeMetadata, batch: int):
-        """This layer's K and V of every head of the batch, ``[B, H, W, D]``."""
+    def _gather(self, layer: int, d: DecodeMetadata, batch: int, dtype: torch.dtype | None = None):
+        """This layer's K and V of every head of the batch, ``[B, H, W, D]``; an fp8 cache's
+        are dequantised to ``dtype`` (the queries')."""
         cache = self.cache
         index = d.blocks[layer]
         shape = (index.numel(), cache.block_size, cache.head_dim)
@@ -181,13 +186,17 @@ class TorchAttentionBackend:
         k = torch.index_select(cache.k_pool, 0, index, out=ws.get("k", shape, cache.k_pool.dtype))
         v = torch.index_select(cache.v_pool, 0, index, out=ws.get("v", shape, cache.v_pool.dtype))
         view = (batch, cache.num_kv_heads, d.width, cache.head_dim)
-        return k.view(view), v.view(view)
+        k, v = k.view(view), v.view(view)
+        if cache.quantized:
+            k = cache.dequantize(layer, k, "k", dtype or torch.float32)
+            v = cache.dequantize(layer, v, "v", dtype or torch.float32)
+        return k, v
 
     def _decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         d = meta.decode
         assert d is not None, "decode metadata is built by build_metadata"
         B, Hq, D = q.shape
-        k, v = self._gather(layer, d, B)
+        k, v = self._gather(layer, d, B, q.dtype)
         H = k.shape[1]
         # Each KV head's query heads as the rows of one query block ([B, H, G, D]): every
         # head's mask then broadcasts over its group, with no per-head copy of the mask.

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvcompress.cache.quant import KV_DTYPES
 from kvcompress.cache.sizes import parse_size
 
 # Per cached KV, besides K and V: the eviction metric (fp32) and the original position (int32).
@@ -19,7 +20,7 @@ class CacheConfig:
     head_dim: int
     kv_cache_memory: int | str = "1GiB"
     block_size: int = 16
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype = torch.float32  # storage of K and V; fp8: see cache/quant.py
     device: str | torch.device = "cpu"
     max_seqs: int = 256
     max_model_len: int = 8192
@@ -32,6 +33,8 @@ class CacheConfig:
         bs = self.block_size
         if not isinstance(bs, int) or bs < 1 or bs > 128 or bs & (bs - 1):
             raise ValueError(f"block_size must be a power of two from 1 to 128, got {bs!r}")
+        if self.dtype not in KV_DTYPES:
+            raise ValueError(f"dtype must be one of {KV_DTYPES}, got {self.dtype!r}")
         self.kv_cache_memory = parse_size(self.kv_cache_memory)
         self.device = torch.device(self.device)
         if self.num_blocks < self.num_heads_total:
@@ -48,6 +51,8 @@ class CacheConfig:
 
     @property
     def bytes_per_kv(self) -> int:
+        # The real element size: fp8 halves bf16's K and V bytes (its per-(layer, head)
+        # scales are not per KV), so the same budget holds more blocks.
         element = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.head_dim * element + METADATA_BYTES_PER_KV
 

@@ -4,6 +4,8 @@ Layout (all tensors on ``config.device``):
 
 * ``k_pool``, ``v_pool``: ``[num_blocks, block_size, head_dim]``, ONE pool for all layers and
   heads, so a block freed by any head can be reused by any other head, layer or sequence.
+* ``k_scale``, ``v_scale``: ``[num_layers, num_kv_heads]`` fp32 dequantisation scales of fp8
+  pools (see ``cache/quant.py``); ones for other dtypes.
 * ``metric``: ``[num_blocks, block_size]`` fp32 eviction metric per cached KV.
 * ``position``: ``[num_blocks, block_size]`` int32 original token position per cached KV.
 * ``block_tables``: ``[num_layers, max_seqs, num_kv_heads, max_blocks_per_head]`` (-1: none).
@@ -22,6 +24,7 @@ import torch
 
 from kvcompress.cache.block_pool import BlockPool
 from kvcompress.cache.config import CacheConfig
+from kvcompress.cache.quant import copyable, dequantize, first_scale, is_fp8, quantize
 
 
 class AppendPlan(NamedTuple):
@@ -134,6 +137,13 @@ class PagedKVCache:
         self.pool = BlockPool(c.num_blocks, dev)
         self.k_pool = torch.zeros(c.num_blocks, c.block_size, c.head_dim, dtype=c.dtype, device=dev)
         self.v_pool = torch.zeros_like(self.k_pool)
+        self.quantized = is_fp8(c.dtype)
+        scale_shape = (c.num_layers, c.num_kv_heads)
+        self.k_scale = torch.ones(scale_shape, dtype=torch.float32, device=dev)
+        self.v_scale = torch.ones(scale_shape, dtype=torch.float32, device=dev)
+        # Layers whose fp8 scales are fixed (by their first write): known on the host, so
+        # later writes neither reduce the inputs again nor sync.
+        self._scaled_layers = [False] * c.num_layers
         self.metric = torch.zeros(c.num_blocks, c.block_size, dtype=torch.float32, device=dev)
         self.position = torch.zeros(c.num_blocks, c.block_size, dtype=torch.int32, device=dev)
         table_shape = (c.num_layers, c.max_seqs, c.num_kv_heads, c.max_blocks_per_head)
@@ -274,18 +284,40 @@ class PagedKVCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store one layer's keys and values: ``slots [H, N]``, ``k, v [N, H, head_dim]``."""
-        flat = slots.reshape(-1)
-        d = self.head_dim
-        self.k_pool.view(-1, d).index_copy_(0, flat, k.transpose(0, 1).reshape(-1, d))
-        self.v_pool.view(-1, d).index_copy_(0, flat, v.transpose(0, 1).reshape(-1, d))
+        self.write_tokens(slots.transpose(0, 1).reshape(-1), k, v, layer=layer)
 
-    def write_tokens(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write_tokens(
+        self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int | None = None
+    ) -> None:
         """:meth:`write` with token-major slots ``[N * H]`` (a layer's ``AppendPlan.slots``
         transposed): ``k, v [N, H, head_dim]`` as models produce them go in without a
-        transposed copy."""
+        transposed copy. Converted to the pool's dtype; fp8 pools need ``layer`` (its
+        scales)."""
         d = self.head_dim
-        self.k_pool.view(-1, d).index_copy_(0, slots, k.reshape(-1, d))
-        self.v_pool.view(-1, d).index_copy_(0, slots, v.reshape(-1, d))
+        k, v = self._to_storage(layer, k, v)
+        copyable(self.k_pool).view(-1, d).index_copy_(0, slots, k.reshape(-1, d))
+        copyable(self.v_pool).view(-1, d).index_copy_(0, slots, v.reshape(-1, d))
+
+    def _to_storage(self, layer: int | None, k: torch.Tensor, v: torch.Tensor):
+        dtype = self.k_pool.dtype
+        if not self.quantized:
+            return (k, v) if k.dtype == dtype else (k.to(dtype), v.to(dtype))
+        if layer is None:
+            raise ValueError("writes to an fp8 cache need the layer (its scales)")
+        if not self._scaled_layers[layer] and k.shape[0]:
+            self.k_scale[layer] = first_scale(k)
+            self.v_scale[layer] = first_scale(v)
+            self._scaled_layers[layer] = True
+        k = quantize(k, self.k_scale[layer]).view(torch.uint8)
+        return k, quantize(v, self.v_scale[layer]).view(torch.uint8)
+
+    def dequantize(self, layer: int, pool_rows: torch.Tensor, which: str, dtype: torch.dtype):
+        """Gathered pool rows ``[..., H, W, D]`` of one layer in ``dtype`` (fp8: scaled by the
+        layer's ``k_scale`` / ``v_scale``, ``which`` = "k" or "v"; others: cast only)."""
+        if not self.quantized:
+            return pool_rows if pool_rows.dtype == dtype else pool_rows.to(dtype)
+        scale = self.k_scale if which == "k" else self.v_scale
+        return dequantize(pool_rows, scale[layer], dtype)
 
     # ----------------------------------------------------------------- views
     def head_view(self, seq_slots: torch.Tensor) -> HeadView:

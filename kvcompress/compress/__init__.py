@@ -3,7 +3,13 @@
 
 from kvcompress.compress.compressor import CompressionStats, Compressor
 from kvcompress.compress.inspection import KeptKVs, kept_kvs
-from kvcompress.compress.metrics import METRICS, MetricConfig, decode_metric, window_metric
+from kvcompress.compress.metrics import (
+    METRICS,
+    MetricConfig,
+    decode_metric,
+    pool_and_group,
+    window_metric,
+)
 from kvcompress.compress.params import (
     BUDGET_FIELDS,
     POLICIES,
@@ -44,6 +50,7 @@ __all__ = [
     "expected_attention",
     "kept_kvs",
     "last_query_attention",
+    "pool_and_group",
     "queries_seen",
     "window_metric",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcompress.cache import HeadView, PagedKVCache
+from kvcompress.cache import HeadView, PagedKVCache, copyable
 from kvcompress.compress.planner import EvictionPlan
 from kvcompress.compress.workspace import Workspace
 
@@ -41,7 +41,8 @@ def compact(
         workspace = workspace or Workspace(dev)
         d = cache.head_dim
         n = src.numel()
-        for pool in (cache.k_pool.view(-1, d), cache.v_pool.view(-1, d)):
+        # fp8 pools move as bytes (see copyable).
+        for pool in (copyable(cache.k_pool).view(-1, d), copyable(cache.v_pool).view(-1, d)):
             staged = workspace.get("moved_kv", (n, d), pool.dtype)
             pool.index_copy_(0, dst, torch.index_select(pool, 0, src, out=staged))
         for per_slot in (cache.metric.view(-1), cache.position.view(-1)):

@@ -60,11 +60,18 @@ def window_metric(
         probs = probs * probs
     if config.collection_buffer:
         probs = probs.masked_fill((q_pos - k_pos) < config.collection_buffer, 0.0)
-    per_head = probs.sum(dim=1)  # [Hq, T]
-    if config.pool_kernel > 1:
-        pad = config.pool_kernel // 2
-        per_head = F.max_pool1d(per_head.unsqueeze(1), config.pool_kernel, 1, pad).squeeze(1)
-    return per_head.view(num_kv_heads, group, T).sum(dim=1)
+    return pool_and_group(probs.sum(dim=1), num_kv_heads, config.pool_kernel)
+
+
+def pool_and_group(per_head: torch.Tensor, num_kv_heads: int, pool_kernel: int) -> torch.Tensor:
+    """The window's summed probabilities per query head ``[Hq, T]`` -> the metric
+    ``[Hkv, T]``: max-pooled along key positions, then summed over each GQA group (shared by
+    the Triton window kernel, so both paths agree exactly)."""
+    num_q_heads, T = per_head.shape
+    if pool_kernel > 1:
+        pad = pool_kernel // 2
+        per_head = F.max_pool1d(per_head.unsqueeze(1), pool_kernel, 1, pad).squeeze(1)
+    return per_head.view(num_kv_heads, num_q_heads // num_kv_heads, T).sum(dim=1)
 
 
 def decode_metric(probs: torch.Tensor, power: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvcompress.cache import parse_size
+from kvcompress.attention import ATTENTION_BACKENDS
+from kvcompress.cache import kv_dtype_from_name, parse_size
 from kvcompress.compress import CompressionParams, MetricConfig
 
 
@@ -28,7 +29,13 @@ class EngineConfig:
     max_queue: int | None = None  # waiting requests allowed; None: unbounded
     compression: CompressionParams = field(default_factory=CompressionParams)
     metric: MetricConfig = field(default_factory=MetricConfig)
-    dtype: torch.dtype = torch.float32
+    # Weights and activations: a torch.dtype or auto/float32/bfloat16/float16 (auto: bfloat16
+    # on CUDA, float32 on CPU). Resolved to a torch.dtype by __post_init__.
+    dtype: torch.dtype | str = "auto"
+    # K/V storage: auto (the model dtype), bfloat16, float16, float32 or fp8 (float8_e4m3fn
+    # with a scale per (layer, KV head), see kvcompress/cache/quant.py). Resolved likewise.
+    kv_cache_dtype: torch.dtype | str = "auto"
+    attention_backend: str = "auto"  # auto (Triton on CUDA), torch or triton
     device: str = "cpu"
     seed: int = 0
 
@@ -52,6 +59,13 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.max_queue is not None and self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        self.dtype = model_dtype(self.dtype, self.device)
+        self.kv_cache_dtype = kv_dtype_from_name(self.kv_cache_dtype, self.dtype)
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, "
+                f"got {self.attention_backend!r}"
+            )
         if not isinstance(self.compression, CompressionParams):
             raise TypeError("compression must be a CompressionParams")
 
@@ -62,3 +76,19 @@ class EngineConfig:
         if self.prefill_chunk_size is not None:
             return self.prefill_chunk_size
         return 512 if torch.device(self.device).type == "cpu" else 2048
+
+
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_dtype(name: torch.dtype | str, device: str | torch.device) -> torch.dtype:
+    """The weights' dtype of ``--dtype``: auto is bfloat16 on CUDA, float32 elsewhere."""
+    if isinstance(name, torch.dtype):
+        if name not in MODEL_DTYPES.values():
+            raise ValueError(f"dtype must be one of {list(MODEL_DTYPES.values())}, got {name}")
+        return name
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in MODEL_DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose from auto, {', '.join(MODEL_DTYPES)}")
+    return MODEL_DTYPES[name]

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from kvcompress.attention import TorchAttentionBackend
+from kvcompress.attention import make_backend
 from kvcompress.cache import CacheConfig, PagedKVCache
-from kvcompress.compress import CompressionParams, Compressor
+from kvcompress.compress import SCORERS, CompressionParams, Compressor, KeptKVs, kept_kvs
 from kvcompress.compress.budget import blocks_after_compression
 from kvcompress.engine.config import EngineConfig
 from kvcompress.engine.model_runner import ModelRunner
@@ -62,15 +62,17 @@ class LLMEngine:
             head_dim=mc.head_dim,
             kv_cache_memory=config.kv_cache_memory,
             block_size=config.block_size,
-            dtype=config.dtype,
+            dtype=config.kv_cache_dtype,
             device=self.device,
             max_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
         )
         self.cache = PagedKVCache(cache_config)
-        self.backend = TorchAttentionBackend(self.cache, config.metric)
+        self.backend = make_backend(config.attention_backend, self.cache, config.metric)
         loaded.model.set_attention_backend(self.backend)
-        self.compressor = Compressor(self.cache, config.max_kvs_per_pass, seed=config.seed)
+        self.compressor = Compressor(
+            self.cache, config.max_kvs_per_pass, seed=config.seed, metric_config=config.metric
+        )
         self.scheduler = Scheduler(config, self.cache, self.compressor)
         self.runner = ModelRunner(loaded.model, self.cache, self.device)
         self.sampler = Sampler(config.seed)
@@ -108,6 +110,19 @@ class LLMEngine:
         (see :meth:`CompressionParams.with_overrides`)."""
         return self.config.compression.with_overrides(compression)
 
+    def _request_params(
+        self, compression: CompressionParams | Mapping[str, Any] | None
+    ) -> CompressionParams:
+        params = self.resolve_compression(compression)
+        if SCORERS[params.effective_scorer].requires:
+            # The attention backends do not hand the step's queries to the compressor yet.
+            raise InvalidParameterError(
+                f"scorer {params.effective_scorer!r} needs the queries of the last step, which "
+                "this engine does not keep yet; choose another scorer",
+                param="scorer",
+            )
+        return params
+
     def add_request(
         self,
         prompt: str | list[int],
@@ -125,7 +140,7 @@ class LLMEngine:
         context that was compressed without seeing it.
         """
         sampling = sampling or SamplingParams()
-        params = self.resolve_compression(compression)
+        params = self._request_params(compression)
         token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not token_ids:
             raise InvalidParameterError("the prompt is empty", param="prompt")
@@ -363,7 +378,7 @@ class LLMEngine:
             raise InvalidParameterError(
                 "prefix and continuation must both be non-empty", param="prompt"
             )
-        params = self.resolve_compression(compression)
+        params = self._request_params(compression)
         seq = Sequence("teacher-force", list(prefix), SamplingParams(), params)
         total = len(prefix) + len(continuation) - 1
         if total > self.max_model_len:
@@ -371,12 +386,8 @@ class LLMEngine:
                 f"{total} tokens exceed the model context of {self.max_model_len}", param="prompt"
             )
         seq.slot = self.cache.allocate_seq()
-        rows = []
         try:
-            while not seq.prefilled:
-                want = min(self.scheduler.chunk_size, seq.num_uncomputed)
-                n, _ = self.scheduler.fit_chunk(seq, want, self.cache.num_free_blocks)
-                rows.extend(self._run_alone(seq, n, decode=False))
+            rows = self._prefill_alone(seq)
             for token in continuation[:-1]:
                 seq.append_token(token)
                 rows.extend(self._run_alone(seq, 1, decode=True))
@@ -384,6 +395,35 @@ class LLMEngine:
         finally:
             self.cache.free_seq(seq.slot)
         return TeacherForceResult(torch.stack(rows).float(), kv)
+
+    @torch.inference_mode()
+    def inspect_kept(
+        self, prompt: list[int], compression: CompressionParams | Mapping[str, Any] | None = None
+    ) -> KeptKVs:
+        """Which KVs of a prompt each (layer, KV head) keeps once prefilled and compressed
+        (chunk by chunk, as a request would be), with their metric. Runs alone: the engine
+        must have no requests in flight."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("inspect_kept needs an idle engine")
+        if not prompt:
+            raise InvalidParameterError("the prompt is empty", param="prompt")
+        seq = Sequence("inspect", list(prompt), SamplingParams(), self._request_params(compression))
+        seq.slot = self.cache.allocate_seq()
+        try:
+            self._prefill_alone(seq)
+            return kept_kvs(self.cache, seq.slot)
+        finally:
+            self.cache.free_seq(seq.slot)
+
+    def _prefill_alone(self, seq: Sequence) -> list[torch.Tensor]:
+        """Prefill one sequence outside the queues, chunk by chunk with the usual
+        compressions; the logits after its last token."""
+        rows = []
+        while not seq.prefilled:
+            want = min(self.scheduler.chunk_size, seq.num_uncomputed)
+            n, _ = self.scheduler.fit_chunk(seq, want, self.cache.num_free_blocks)
+            rows.extend(self._run_alone(seq, n, decode=False))
+        return rows
 
     def _run_alone(self, seq: Sequence, n: int, decode: bool) -> list[torch.Tensor]:
         """One step of one sequence outside the scheduler's queues (teacher forcing): its

@@ -117,4 +117,4 @@ class Sequence:
         ``compress_once`` sequence has compressed. The others leave the metric alone and
         let their batch take the fused decode path.
         """
-        return self.compression.policy_spec.score == "metric" and self.may_compress
+        return self.compression.uses_metric and self.may_compress

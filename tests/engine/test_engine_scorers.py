@@ -32,11 +32,16 @@ def test_each_scorer_compresses_to_the_budget_and_returns_blocks(engine, scorer)
     assert engine.capacity().free_blocks == free  # all returned when the request ends
 
 
-def test_last_query_needs_the_engine_to_pass_the_query(engine):
+def test_last_query_is_refused_before_anything_runs(engine):
     free = engine.capacity().free_blocks
     ids = engine.tokenize(PROMPT)
-    with pytest.raises(InvalidParameterError, match="last_queries"):
-        engine.teacher_force(ids, ids[:1], {"max_cache_tokens": 48, "scorer": "last-query"})
+    compression = {"max_cache_tokens": 48, "scorer": "last-query"}
+    with pytest.raises(InvalidParameterError, match="queries of the last step") as err:
+        engine.teacher_force(ids, ids[:1], compression)
+    assert err.value.param == "scorer"
+    with pytest.raises(InvalidParameterError, match="queries of the last step"):
+        engine.add_request(ids, SamplingParams(max_tokens=2), compression)
+    assert not engine.has_unfinished_requests()
     assert engine.capacity().free_blocks == free
 
 

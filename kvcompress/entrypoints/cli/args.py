@@ -25,7 +25,19 @@ ENGINE_OPTIONS: dict[str, str] = {
     "max_model_len": "context length (default: the model's own)",
     "max_num_batched_tokens": "prompt tokens per prefill step",
     "device": "torch device, e.g. cpu or cuda",
+    "dtype": "weights and activations: auto (bfloat16 on CUDA, float32 on CPU), float32, "
+    "bfloat16, float16",
+    "kv_cache_dtype": "K/V storage: auto (the model dtype), bfloat16, float16, float32, fp8 "
+    "(float8_e4m3fn, a scale per layer and KV head)",
+    "attention_backend": "auto (triton on CUDA, torch on CPU), torch, triton",
     "seed": "seed of the sampler and of the random policy",
+}
+
+INT_OPTIONS = ("block_size", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "seed")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "kv_cache_dtype": ("auto", "bfloat16", "float16", "float32", "fp8"),
+    "attention_backend": ("auto", "torch", "triton"),
 }
 
 
@@ -75,9 +87,11 @@ def add_engine_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
     group = parser.add_argument_group("engine")
     for name, help in ENGINE_OPTIONS.items():
         default = config_defaults[name]
-        kind = str if name in ("model", "kv_cache_memory", "device") else int
+        kind = int if name in INT_OPTIONS else str
         shown = "" if default is None else f" (default: {default})"
-        group.add_argument(_flag(name), type=kind, default=default, help=help + shown)
+        group.add_argument(
+            _flag(name), type=kind, default=default, choices=CHOICES.get(name), help=help + shown
+        )
 
 
 def _nullable(kind: type):

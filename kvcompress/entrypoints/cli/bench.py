@@ -1,4 +1,5 @@
-"""``kvcompress bench memory | decode | throughput | load``: figures printed from real runs."""
+"""``kvcompress bench memory | decode | throughput | load | kernels``: figures printed from
+real runs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from typing import TypeVar
 
 from kvcompress.bench.decode import DecodeBenchConfig
+from kvcompress.bench.kernels import KernelBenchConfig
 from kvcompress.bench.load import LoadConfig
 from kvcompress.bench.memory import MemoryBenchConfig
 from kvcompress.bench.throughput import ThroughputBenchConfig
@@ -96,6 +98,25 @@ def add_bench_parser(commands) -> None:
     add_engine_args(load, kv_cache_memory="48MiB")
     add_compression_args(load, "compression (server defaults at every rate)", exclude=SWEPT)
     load.set_defaults(func=run_load)
+
+    kernels = bench.add_parser("kernels", help="paged decode attention: time and GB/s")
+    d = KernelBenchConfig()
+    shapes = "KVs per head (default: 1024,4096,16384,32768 on CUDA, 256,1024 on CPU)"
+    kernels.add_argument("--contexts", type=parse_ints, default=None, help=shapes)
+    batches = "default: 1,8,64 on CUDA, 1,4 on CPU"
+    kernels.add_argument("--batch-sizes", type=parse_ints, default=None, help=batches)
+    kernels.add_argument("--block-sizes", type=parse_ints, default=d.block_sizes)
+    kernels.add_argument("--num-kv-heads", type=int, default=d.num_kv_heads)
+    kernels.add_argument("--group", type=int, default=d.group, help="query heads per KV head")
+    kernels.add_argument("--head-dim", type=int, default=d.head_dim)
+    kernels.add_argument(
+        "--kv-cache-dtype", default=d.kv_cache_dtype, choices=("auto", "bfloat16", "float16", "fp8")
+    )
+    kernels.add_argument("--device", default=d.device, help="default: cuda if available")
+    kernels.add_argument("--repeats", type=int, default=d.repeats)
+    kernels.add_argument("--max-kv-memory", default=d.max_kv_memory)
+    kernels.add_argument("--json", action="store_true", help=REPORT_HELP)
+    kernels.set_defaults(func=run_kernels)
 
 
 def _config_from_args(cls: type[T], args: argparse.Namespace) -> T:
@@ -186,4 +207,21 @@ def run_load(args: argparse.Namespace) -> int:
         "latencies in seconds"
     )
     emit_report({"load": cfg, "engine": base}, rows, args.json, header)
+    return 0
+
+
+def run_kernels(args: argparse.Namespace) -> int:
+    from kvcompress.bench.kernels import device_description, run_kernel_bench
+    from kvcompress.report import emit_report
+
+    cfg = _config_from_args(KernelBenchConfig, args)
+    name, peak = device_description(cfg)
+    peak_text = f"peak {peak / 1e12:.3g} TB/s" if peak else "peak bandwidth unknown"
+    which = "triton and torch backends" if cfg.on_cuda else "torch backend only (no CUDA)"
+    header = (
+        f"kernel benchmark on {name} ({peak_text}): one layer's paged decode, {which}, vs SDPA "
+        f"on a contiguous cache; {cfg.num_kv_heads} KV heads x {cfg.group} query heads each, "
+        f"head dim {cfg.head_dim}; times in microseconds, bandwidth from the K/V bytes read"
+    )
+    emit_report(cfg, run_kernel_bench(cfg), args.json, header)
     return 0

@@ -94,25 +94,18 @@ def prompt_spans(
 
 
 def run_inspect(args: argparse.Namespace, engine: Any = None) -> int:
-    """The ``inspect`` handler; `engine` lets a test pass a loaded engine (or an adapter
-    with ``tokenizer`` and ``inspect_kept``)."""
+    """The ``inspect`` handler; ``engine`` lets a test pass a loaded engine."""
     prompt = read_prompt(args)
     compression = compression_from_args(args)
     if engine is None:
         from kvcompress.engine import LLMEngine
 
         engine = LLMEngine(engine_config_from_args(args, max_num_seqs=1))
-    inspect_kept = getattr(engine, "inspect_kept", None)
-    if inspect_kept is None:
-        raise ValueError(
-            "this engine has no inspect_kept(prompt, compression) -> KeptKVs yet; "
-            "`kvcompress inspect` needs it"
-        )
     encoded = engine.tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
     offsets = [tuple(o) for o in encoded["offset_mapping"]]
     spans = prompt_spans(prompt, offsets, args.span, args.tokens, len(ids))
-    explanation = explain(inspect_kept(ids, compression), spans)
+    explanation = explain(engine.inspect_kept(ids, compression), spans)
     rows = explanation_rows(explanation)
     if args.json:
         print_json(

@@ -1,19 +1,11 @@
-"""``kvcompress inspect`` against an adapter that implements the engine hook it needs.
-
-``InspectAdapter.inspect_kept`` is the reference of ``LLMEngine.inspect_kept(prompt,
-compression) -> KeptKVs``: prefill one prompt alone, compress it once, read its heads.
-"""
+"""``kvcompress inspect`` on the shared engine: ``LLMEngine.inspect_kept`` prefills one
+prompt alone (compressing as a request would) and reads what each head kept."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-import pytest
-
-from kvcompress.compress import kept_kvs
-from kvcompress.engine.sampling import SamplingParams
-from kvcompress.engine.sequence import Sequence
 from kvcompress.entrypoints.cli.inspect_kept import add_inspect_parser, run_inspect
 from kvcompress.eval import Span, explain, spans_of_text, tokens_overlapping
 from tests.eval.shared_engine import shared_engine
@@ -23,25 +15,6 @@ PROMPT = (
     "The special magic number is 1585963. Gulls circled the market while fishermen "
     "sorted their catch and argued about the weather. "
 ) * 2
-
-
-class InspectAdapter:
-    def __init__(self, engine) -> None:
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-
-    def inspect_kept(self, prompt, compression):
-        e = self.engine
-        params = e.resolve_compression(compression)
-        seq = Sequence("inspect", list(prompt), SamplingParams(), params)
-        seq.slot = e.cache.allocate_seq()
-        try:
-            e.runner.run([seq], is_prefill=True)
-            if params.evicts:
-                e.compressor.compress([seq.slot], [params])
-            return kept_kvs(e.cache, seq.slot)
-        finally:
-            e.cache.free_seq(seq.slot)
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -59,8 +32,8 @@ def test_tokens_of_a_text_span():
 
 
 def test_inspect_reports_each_heads_budget_and_the_span(capsys, tmp_path):
-    adapter = InspectAdapter(shared_engine())
-    free = adapter.engine.capacity().free_blocks
+    engine = shared_engine()
+    free = engine.capacity().free_blocks
     args = parse(
         PROMPT,
         "--span",
@@ -75,9 +48,9 @@ def test_inspect_reports_each_heads_budget_and_the_span(capsys, tmp_path):
         "--plot-dir",
         str(tmp_path),
     )
-    assert run_inspect(args, adapter) == 0
+    assert run_inspect(args, engine) == 0
     doc = json.loads(capsys.readouterr().out)
-    cap = adapter.engine.capacity()
+    cap = engine.capacity()
     assert len(doc["heads"]) == cap.heads
     assert sum(h["kept"] for h in doc["heads"]) <= 24 * cap.heads
     digits = doc["spans"][0]
@@ -87,22 +60,14 @@ def test_inspect_reports_each_heads_budget_and_the_span(capsys, tmp_path):
     assert total == len(digits["positions"]) and 0 <= kept <= total
     assert len(first["0:4 ranks"].split()) == 4
     assert (tmp_path / "inspect_kept_spans.png").stat().st_size > 0
-    assert adapter.engine.capacity().free_blocks == free
+    assert engine.capacity().free_blocks == free
 
 
 def test_explanation_agrees_with_kept_kvs():
-    adapter = InspectAdapter(shared_engine())
-    ids = adapter.engine.tokenize(PROMPT)
-    kept = adapter.inspect_kept(ids, {"max_cache_tokens": 24, "protected_window": 4})
+    engine = shared_engine()
+    ids = engine.tokenize(PROMPT)
+    kept = engine.inspect_kept(ids, {"max_cache_tokens": 24, "protected_window": 4})
     last = len(ids) - 1
     ex = explain(kept, [Span("end", [last])])
     assert ex.held[..., 0].eq(1).all()  # the protected window is kept by every head
     assert ex.ranks[0].ge(0).all()
-
-
-def test_inspect_refuses_an_engine_without_the_hook():
-    class Bare:
-        tokenizer = None
-
-    with pytest.raises(ValueError, match="inspect_kept"):
-        run_inspect(parse("hello", "--max-cache-tokens", "8"), Bare())

@@ -1,0 +1,45 @@
+"""EngineConfig's dtype, KV cache dtype and attention backend options."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from kvcompress.cache import FP8
+from kvcompress.engine import EngineConfig
+from kvcompress.entrypoints.cli.args import add_engine_args, engine_config_from_args
+
+
+def test_auto_dtypes_follow_the_device() -> None:
+    cpu = EngineConfig()
+    assert (cpu.dtype, cpu.kv_cache_dtype, cpu.attention_backend) == (
+        torch.float32,
+        torch.float32,
+        "auto",
+    )
+    cuda = EngineConfig(device="cuda")  # resolved from the name alone: no GPU needed
+    assert (cuda.dtype, cuda.kv_cache_dtype) == (torch.bfloat16, torch.bfloat16)
+    fp8 = EngineConfig(device="cuda", dtype="float16", kv_cache_dtype="fp8")
+    assert (fp8.dtype, fp8.kv_cache_dtype) == (torch.float16, FP8)
+    assert EngineConfig(dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"dtype": "float64"}, {"kv_cache_dtype": "int4"}, {"attention_backend": "flash"}],
+)
+def test_bad_names_are_refused(kwargs) -> None:
+    with pytest.raises(ValueError):
+        EngineConfig(**kwargs)
+
+
+def test_cli_options_reach_the_config() -> None:
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    args = parser.parse_args(["--dtype", "bfloat16", "--kv-cache-dtype", "fp8"])
+    config = engine_config_from_args(args, compression=EngineConfig().compression)
+    assert (config.dtype, config.kv_cache_dtype) == (torch.bfloat16, FP8)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--attention-backend", "cuda"])
