@@ -14,7 +14,7 @@ import torch
 
 from kvcompress.bench.engine_run import run_all
 from kvcompress.bench.workload import text_prompts
-from kvcompress.compress import CompressionParams
+from kvcompress.compress import CompressionParams, exact_rates
 from kvcompress.engine import EngineConfig, LLMEngine
 
 
@@ -28,7 +28,7 @@ class DecodeBenchConfig:
     kv_cache_memory: str = "2GiB"
     transformers_baseline: bool = True
     # What 'on' uses besides the rate.
-    compression: CompressionParams = field(default_factory=CompressionParams)
+    compression: CompressionParams = field(default_factory=exact_rates)
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcompress.cache import CacheConfig, PagedKVCache
-from kvcompress.compress import CompressionParams, Compressor
+from kvcompress.compress import CompressionParams, Compressor, exact_rates
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class MemoryBenchConfig:
     repeats: int = 3
     seed: int = 0
     # What every rate uses besides it.
-    compression: CompressionParams = field(default_factory=CompressionParams)
+    compression: CompressionParams = field(default_factory=exact_rates)
 
     def __post_init__(self) -> None:
         for name in ("prompt_len", "num_seqs", "repeats", "num_layers", "num_kv_heads", "head_dim"):

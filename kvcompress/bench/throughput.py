@@ -17,7 +17,7 @@ import torch
 from kvcompress.bench.engine_run import RunResult, run_all
 from kvcompress.bench.workload import text_prompts
 from kvcompress.cache import parse_size
-from kvcompress.compress import CompressionParams
+from kvcompress.compress import CompressionParams, exact_rates
 from kvcompress.engine import EngineConfig, LLMEngine
 
 
@@ -31,7 +31,7 @@ class ThroughputBenchConfig:
     model: str | None = None
     transformers_baseline: bool = True
     # What every rate uses besides it.
-    compression: CompressionParams = field(default_factory=CompressionParams)
+    compression: CompressionParams = field(default_factory=exact_rates)
 
     def __post_init__(self) -> None:
         if self.num_prompts < 1 or self.input_len < 1 or self.output_len < 1:

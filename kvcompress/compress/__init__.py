@@ -17,6 +17,7 @@ from kvcompress.compress.params import (
     ParamField,
     Policy,
     compression_fields,
+    exact_rates,
 )
 from kvcompress.compress.planner import EvictionPlan
 from kvcompress.compress.scorers import (
@@ -47,6 +48,7 @@ __all__ = [
     "ScorerInputs",
     "compression_fields",
     "decode_metric",
+    "exact_rates",
     "expected_attention",
     "kept_kvs",
     "last_query_attention",

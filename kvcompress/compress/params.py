@@ -229,6 +229,14 @@ class CompressionParams:
         return self.compression_rate is not None and self.compression_rate > 1
 
 
+def exact_rates(**fields: Any) -> CompressionParams:
+    """The base parameters of a rate sweep (benchmarks, evaluation): no ``min_cache_tokens``
+    floor, so that rate C keeps about 1/C of the KVs at every prompt length and the rows
+    are labelled truly (the floor would make rate 64 on a 1k-token prompt keep what rate 8
+    keeps)."""
+    return CompressionParams(min_cache_tokens=0, **fields)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

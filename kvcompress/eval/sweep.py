@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from kvcompress.compress import POLICIES, CompressionParams
+from kvcompress.compress import POLICIES, CompressionParams, exact_rates
 
 __all__ = [
     "DEFAULT_POLICIES",
@@ -69,7 +69,7 @@ class SweepConfig:
 
     policies: tuple[str, ...] = DEFAULT_POLICIES
     rates: tuple[float, ...] = DEFAULT_RATES
-    compression: CompressionParams = field(default_factory=CompressionParams)
+    compression: CompressionParams = field(default_factory=exact_rates)
     compress_context_only: bool = False
     chat: bool = False
 

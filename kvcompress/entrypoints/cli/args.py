@@ -23,7 +23,11 @@ ENGINE_OPTIONS: dict[str, str] = {
     "block_size": "KVs per block (a power of two, 1-128)",
     "max_num_seqs": "sequences running at once",
     "max_model_len": "context length (default: the model's own)",
-    "max_num_batched_tokens": "prompt tokens per prefill step",
+    "max_num_batched_tokens": "tokens one step feeds, decodes and prompt chunks together",
+    "prefill_chunk_size": "prompt tokens per prefill chunk; the sequence is compressed between "
+    "chunks (default: 512 on CPU, 2048 on GPUs)",
+    "decode_headroom": "tokens of growth a request that does not evict reserves at admission "
+    "(fewer preemptions; 0: admit whenever the first chunk fits)",
     "device": "torch device, e.g. cpu or cuda",
     "dtype": "weights and activations: auto (bfloat16 on CUDA, float32 on CPU), float32, "
     "bfloat16, float16",
@@ -33,7 +37,15 @@ ENGINE_OPTIONS: dict[str, str] = {
     "seed": "seed of the sampler and of the random policy",
 }
 
-INT_OPTIONS = ("block_size", "max_num_seqs", "max_model_len", "max_num_batched_tokens", "seed")
+INT_OPTIONS = (
+    "block_size",
+    "max_num_seqs",
+    "max_model_len",
+    "max_num_batched_tokens",
+    "prefill_chunk_size",
+    "decode_headroom",
+    "seed",
+)
 CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "kv_cache_dtype": ("auto", "bfloat16", "float16", "float32", "fp8"),

@@ -16,6 +16,7 @@ from kvcompress.bench.kernels import KernelBenchConfig
 from kvcompress.bench.load import LoadConfig
 from kvcompress.bench.memory import MemoryBenchConfig
 from kvcompress.bench.throughput import ThroughputBenchConfig
+from kvcompress.compress import exact_rates
 from kvcompress.entrypoints.cli.args import (
     add_compression_args,
     add_engine_args,
@@ -127,7 +128,7 @@ def _config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     if "transformers_baseline" in {f.name for f in dataclasses.fields(cls)}:
         values["transformers_baseline"] = not args.no_transformers
     if "compression" in {f.name for f in dataclasses.fields(cls)}:
-        values["compression"] = compression_from_args(args)
+        values["compression"] = exact_rates().with_overrides(compression_from_args(args))
     return cls(**values)
 
 

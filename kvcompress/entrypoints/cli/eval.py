@@ -31,7 +31,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
-from kvcompress.compress import POLICIES
+from kvcompress.compress import POLICIES, exact_rates
 from kvcompress.entrypoints.cli.args import (
     add_compression_args,
     add_engine_args,
@@ -223,7 +223,7 @@ def _sweep(args: argparse.Namespace) -> SweepConfig:
     return SweepConfig(
         policies=tuple(args.policies),
         rates=tuple(args.rates),
-        compression=compression_from_args(args),
+        compression=exact_rates().with_overrides(compression_from_args(args)),
         compress_context_only=args.compress_context_only,
         chat=chat,
     )
