@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvcompress.engine import EngineConfig, LLMEngine
+from kvcompress.eval.texts import pydoc_text
 
 
 def make_engine(**kwargs) -> LLMEngine:
@@ -27,3 +28,9 @@ def hf_default_model(engine):
 def hf_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         return model(torch.tensor([ids])).logits[0].float()
+
+
+def prose_ids(engine: LLMEngine, n: int, offset: int = 0) -> list[int]:
+    """``n`` token ids of natural text (CPython's pydoc topics), from a character offset."""
+    ids = engine.tokenizer(pydoc_text()[offset : offset + 8 * n], add_special_tokens=False)
+    return ids["input_ids"][:n]

@@ -7,15 +7,9 @@ import torch
 
 from kvcompress.compress import CompressionParams
 from kvcompress.engine import SamplingParams
-from kvcompress.eval.texts import pydoc_text
-from tests.engine.conftest import hf_logits, make_engine
+from tests.engine.conftest import hf_logits, make_engine, prose_ids
 
 FULL = CompressionParams(policy="full")
-
-
-def prose_ids(engine, n: int, offset: int = 0) -> list[int]:
-    ids = engine.tokenizer(pydoc_text()[offset : offset + 8 * n], add_special_tokens=False)
-    return ids["input_ids"][:n]
 
 
 def test_paged_cache_logits_match_transformers(engine, hf_default_model):
