@@ -36,18 +36,22 @@ def run_all(
     compression: CompressionParams | None = None,
 ) -> RunResult:
     """Submit every prompt at once (each generating exactly ``output_len`` tokens) and run
-    the engine until all finish."""
+    the engine until all finish.
+
+    The peak is the pool's own high-water mark: it is reached between a prefill chunk's
+    append and its compression, inside a step, where sampling after each output never looks.
+    """
+    engine.reset_peak_memory()
     before = engine.stats()
     sampling = SamplingParams(max_tokens=output_len, ignore_eos=True)
     for prompt in prompts:
         engine.add_request(prompt, sampling, compression)
-    peak_running = peak_blocks = 0
+    peak_running = 0
     output_tokens = 0
     start = time.perf_counter()
     for out in engine.run():
         stats = engine.stats()
         peak_running = max(peak_running, stats.running)
-        peak_blocks = max(peak_blocks, stats.blocks_used)
         output_tokens += out.num_output_tokens if out.finished else 0
     seconds = time.perf_counter() - start
     after = engine.stats()
@@ -59,6 +63,6 @@ def run_all(
         decode_seconds=after.decode_seconds - before.decode_seconds,
         compression_seconds=after.compression_seconds - before.compression_seconds,
         peak_running=peak_running,
-        peak_blocks_used=peak_blocks,
+        peak_blocks_used=after.blocks_peak,
         preemptions=after.preemptions - before.preemptions,
     )

@@ -8,6 +8,7 @@ import pytest
 
 from kvcompress.bench.memory import MemoryBenchConfig, run_memory_bench
 from kvcompress.bench.throughput import ThroughputBenchConfig, plot_speedup, run_throughput_bench
+from kvcompress.compress import CompressionParams
 from kvcompress.entrypoints.cli.main import main
 
 THROUGHPUT_KEYS = {
@@ -22,9 +23,16 @@ THROUGHPUT_KEYS = {
 
 
 def test_memory_bench_rows_and_exact_physical_memory():
-    rows = run_memory_bench(
-        MemoryBenchConfig(prompt_len=256, num_seqs=2, num_layers=4, rates=(1, 4, 64), repeats=1)
+    # min_cache_tokens 0: the default floor (128 per head) would stop rate 64 at rate 2.
+    cfg = MemoryBenchConfig(
+        prompt_len=256,
+        num_seqs=2,
+        num_layers=4,
+        rates=(1, 4, 64),
+        repeats=1,
+        compression=CompressionParams(min_cache_tokens=0),
     )
+    rows = run_memory_bench(cfg)
     assert [r["rate"] for r in rows] == [1, 4, 64]
     for row in rows:
         assert row["kvs_seen"] == 256 * 2 * 4 * 3

@@ -1,5 +1,5 @@
-"""``kvcompress bench memory | decode | throughput | load | kernels``: figures printed from
-real runs."""
+"""``kvcompress bench memory | decode | throughput | longctx | load | kernels``: figures
+printed from real runs."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import TypeVar
 from kvcompress.bench.decode import DecodeBenchConfig
 from kvcompress.bench.kernels import KernelBenchConfig
 from kvcompress.bench.load import LoadConfig
+from kvcompress.bench.longctx import LongctxBenchConfig
 from kvcompress.bench.memory import MemoryBenchConfig
 from kvcompress.bench.throughput import ThroughputBenchConfig
 from kvcompress.compress import exact_rates
@@ -30,6 +31,9 @@ from kvcompress.entrypoints.cli.args import (
 SWEPT = ("compression_rate", "max_cache_tokens")
 T = TypeVar("T")
 REPORT_HELP = "one JSON document on stdout"
+CSV_HELP = "also write the rows as CSV"
+# Config fields set by a --no-... flag: field -> option.
+NEGATED = {"transformers_baseline": "no_transformers", "reference": "no_reference"}
 
 
 def add_bench_parser(commands) -> None:
@@ -73,6 +77,52 @@ def add_bench_parser(commands) -> None:
     tp.add_argument("--json", action="store_true", help=REPORT_HELP)
     add_compression_args(tp, "compression (at every rate)", exclude=SWEPT)
     tp.set_defaults(func=run_throughput)
+
+    lc = bench.add_parser(
+        "longctx", help="prompts beyond the KV budget: peak memory, prefill time, agreement"
+    )
+    d = LongctxBenchConfig()
+    lc.add_argument(
+        "--lengths",
+        type=parse_ints,
+        default=d.lengths,
+        help="prompt tokens, one request each (the longest capped so that prompt + output "
+        "fits the context)",
+    )
+    lc.add_argument("--output-len", type=int, default=d.output_len, help="tokens generated")
+    lc.add_argument(
+        "--agreement-tokens",
+        type=int,
+        default=d.agreement_tokens,
+        help="continuation tokens teacher-forced for top-1 agreement",
+    )
+    lc.add_argument("--kv-cache-memory", default=d.kv_cache_memory, help="the KV budget")
+    lc.add_argument(
+        "--max-cache-tokens",
+        type=int,
+        default=d.max_cache_tokens,
+        help="average KVs kept per head (the compression budget)",
+    )
+    lc.add_argument(
+        "--reference-memory",
+        default=d.reference_memory,
+        help="KV cache of the full-cache and one-shot reference engine",
+    )
+    lc.add_argument(
+        "--no-reference", action="store_true", help="skip the agreement columns (no 2nd engine)"
+    )
+    lc.add_argument(
+        "--prefill-chunk-size",
+        type=int,
+        default=d.prefill_chunk_size,
+        help="prompt tokens per chunk (default: 512 on CPU, 2048 on accelerators)",
+    )
+    lc.add_argument("--model", default=d.model)
+    lc.add_argument("--device", default=d.device)
+    lc.add_argument("--json", action="store_true", help=REPORT_HELP)
+    lc.add_argument("--csv", metavar="PATH", help=CSV_HELP)
+    add_compression_args(lc, "compression (of the budget runs)", exclude=SWEPT)
+    lc.set_defaults(func=run_longctx)
 
     load = bench.add_parser("load", help="HTTP load test of the server, compression on vs off")
     d = LoadConfig()
@@ -124,10 +174,10 @@ def _config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     """A benchmark config from the options named like its fields (the options were made
     from the same config's defaults); ``compression`` from the compression options."""
     options = vars(args)
-    values = {f.name: options[f.name] for f in dataclasses.fields(cls) if f.name in options}
-    if "transformers_baseline" in {f.name for f in dataclasses.fields(cls)}:
-        values["transformers_baseline"] = not args.no_transformers
-    if "compression" in {f.name for f in dataclasses.fields(cls)}:
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {name: options[name] for name in names if name in options}
+    values |= {name: not options[flag] for name, flag in NEGATED.items() if name in names}
+    if "compression" in names:
         values["compression"] = exact_rates().with_overrides(compression_from_args(args))
     return cls(**values)
 
@@ -174,6 +224,33 @@ def run_throughput(args: argparse.Namespace) -> int:
     emit_report(cfg, rows, args.json, header)
     if args.plot_dir:
         print(f"plot: {plot_speedup(rows, args.plot_dir)}", file=sys.stderr)
+    return 0
+
+
+def run_longctx(args: argparse.Namespace) -> int:
+    from kvcompress.bench.longctx import run_longctx_bench
+    from kvcompress.report import emit_report, write_csv
+
+    cfg = _config_from_args(LongctxBenchConfig, args)
+    result = run_longctx_bench(cfg)
+    e = result.engine
+    agreement = (
+        f"top-1 agreement with the full cache over {cfg.agreement_tokens} continuation tokens "
+        f"(reference engine {cfg.reference_memory}): chunked under the budget vs prefilled "
+        "whole and compressed once"
+        if cfg.reference
+        else "no agreement (--no-reference)"
+    )
+    header = (
+        f"long-context benchmark: one request per prompt length, {cfg.output_len} tokens out, "
+        f"KV budget {cfg.kv_cache_memory} ({e['num_blocks']} blocks of {e['bytes_per_block']} "
+        f"bytes), max_cache_tokens {cfg.max_cache_tokens}, min_cache_tokens "
+        f"{cfg.params.min_cache_tokens}, policy {cfg.params.policy}, prefill chunk "
+        f"{e['chunk_size']} tokens, context {e['max_model_len']}; {agreement}"
+    )
+    emit_report({"longctx": cfg, "engine": e}, result.rows, args.json, header)
+    if args.csv:
+        print(f"wrote {write_csv(result.rows, args.csv)}", file=sys.stderr)
     return 0
 
 
