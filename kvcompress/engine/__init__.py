@@ -3,6 +3,7 @@
 from kvcompress.engine.async_engine import AsyncLLMEngine, ChatPrompt, Prompt
 from kvcompress.engine.config import EngineConfig
 from kvcompress.engine.engine import LLMEngine
+from kvcompress.engine.logprobs import MAX_LOGPROBS, TokenLogprob
 from kvcompress.engine.outputs import (
     Capacity,
     EngineStats,
@@ -15,6 +16,7 @@ from kvcompress.engine.request_stream import RequestStream
 from kvcompress.engine.sampling import SamplingParams
 
 __all__ = [
+    "MAX_LOGPROBS",
     "AsyncLLMEngine",
     "Capacity",
     "ChatPrompt",
@@ -28,4 +30,5 @@ __all__ = [
     "RequestStream",
     "SamplingParams",
     "TeacherForceResult",
+    "TokenLogprob",
 ]

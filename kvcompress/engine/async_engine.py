@@ -115,6 +115,12 @@ class AsyncLLMEngine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
+    @property
+    def tokenizer(self) -> Any:
+        """The engine's tokenizer, to read token ids back as text (logprobs, echo). Callers
+        only read it, as the tokenizer threads do."""
+        return self.engine.tokenizer
+
     # ------------------------------------------------------------------ requests
     async def add_request(
         self,

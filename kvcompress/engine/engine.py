@@ -22,6 +22,7 @@ from kvcompress.cache import CacheConfig, PagedKVCache
 from kvcompress.compress import SCORERS, CompressionParams, Compressor, KeptKVs, kept_kvs
 from kvcompress.compress.budget import blocks_after_compression
 from kvcompress.engine.config import EngineConfig
+from kvcompress.engine.logprobs import TokenLogprob, token_logprobs
 from kvcompress.engine.model_runner import ModelRunner
 from kvcompress.engine.outputs import (
     Capacity,
@@ -33,7 +34,7 @@ from kvcompress.engine.outputs import (
 )
 from kvcompress.engine.sampling import Sampler, SamplingParams
 from kvcompress.engine.scheduler import ScheduledBatch, Scheduler
-from kvcompress.engine.sequence import Sequence
+from kvcompress.engine.sequence import Sequence, SequenceStatus
 from kvcompress.engine.stopping import check_stop
 from kvcompress.errors import (
     ContextLengthError,
@@ -148,6 +149,11 @@ class LLMEngine:
             suffix_ids = list(self.tokenizer(suffix, add_special_tokens=False)["input_ids"])
         else:
             suffix_ids = list(suffix or [])
+        if suffix_ids and sampling.prompt_logprobs is not None:
+            # The suffix is fed after the prefill, where prompt logprobs are not gathered.
+            raise InvalidParameterError(
+                "prompt_logprobs cannot be combined with a suffix", param="prompt_logprobs"
+            )
         vocab = self.model_config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids + suffix_ids):
             raise InvalidParameterError(
@@ -249,11 +255,17 @@ class LLMEngine:
             return outputs
         start = time.perf_counter()
         sampled = [batch.seqs[i] for i in batch.sample]
+        # Chunks whose positions must be scored (prompt logprobs): none in a decode-only step.
+        score = {
+            i: seq.sampling.prompt_logprobs
+            for i, seq in enumerate(batch.seqs[batch.num_decode :], batch.num_decode)
+            if seq.scores_prompt
+        }
         try:
-            logits = self.runner.run(batch.seqs, batch.num_tokens, batch.num_decode, batch.sample)
-            tokens = self.sampler(
-                logits, [s.sampling for s in sampled], [s.generator for s in sampled]
-            ).tolist()
+            out = self.runner.run(
+                batch.seqs, batch.num_tokens, batch.num_decode, batch.sample, score
+            )
+            tokens, logprobs = self._sample(out.logits, sampled)
         except Exception:
             # The batch's requests end with reason "error" and their blocks return to the
             # pool; the engine and every other request carry on.
@@ -269,15 +281,33 @@ class LLMEngine:
             self.prefill_seconds += elapsed
         else:
             self.decode_seconds += elapsed
+        for i, entries in out.prompt_logprobs.items():
+            seq = batch.seqs[i]
+            if seq.num_computed == 0:  # the first chunk (again, after a preemption)
+                seq.prompt_logprobs = [None]
+            seq.prompt_logprobs.extend(entries)
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             seq.num_computed += n
         new_tokens: dict[int, list[int]] = {}
-        for seq, token in zip(sampled, tokens, strict=True):
+        extras: dict[int, dict[str, Any]] = {}  # logprobs this step reports, by id(seq)
+        for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
+            if seq.scores_prompt:  # the prefill is complete: its prompt logprobs go out now
+                extras[id(seq)] = {
+                    "prompt_logprobs": seq.prompt_logprobs,
+                    "prompt_token_ids": list(seq.prompt_token_ids),
+                }
+                seq.prompt_logprobs, seq.prompt_logprobs_sent = [], True
+            if token is None:  # scoring only (max_tokens=0): done once the prompt is in
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = "length"
+                continue
             if seq.pending_suffix:  # still feeding the suffix: its next token, not a sample
                 seq.append_prompt_token(seq.pending_suffix.pop(0))
                 continue
             seq.append_token(token)
             new_tokens[id(seq)] = [token]
+            if logprob is not None:
+                extras.setdefault(id(seq), {})["logprobs"] = [logprob]
             self.generation_tokens += 1
             check_stop(seq, token, self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.scheduler.after_step(batch)
@@ -289,15 +319,50 @@ class LLMEngine:
             new = new_tokens.get(id(seq))
             # A chunk that did not reach the prompt's end has nothing to report.
             if new is not None or seq.finished:
-                outputs.append(self._output(seq, new or []))
+                outputs.append(self._output(seq, new or [], **extras.get(id(seq), {})))
         return outputs
+
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[Sequence]
+    ) -> tuple[list[int | None], list[TokenLogprob | None]]:
+        """A token for each sequence (None for one that only scores its prompt, which is
+        not sampled), and its logprobs where asked; other rows cost nothing more."""
+        keep = [j for j, seq in enumerate(seqs) if seq.sampling.max_tokens > 0]
+        lps: list[TokenLogprob | None] = [None] * len(seqs)
+        if not keep:
+            return [None] * len(seqs), lps
+        if len(keep) < len(seqs):
+            logits, seqs = logits[keep], [seqs[j] for j in keep]
+        drawn = self.sampler(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
+        tokens: list[int | None] = [None] * len(lps)
+        for j, token in zip(keep, drawn.tolist(), strict=True):
+            tokens[j] = token
+        # A row feeding its suffix draws nothing the request sees: no logprobs for it.
+        want = [
+            r
+            for r, seq in enumerate(seqs)
+            if seq.sampling.logprobs is not None and not seq.pending_suffix
+        ]
+        if want:
+            rows = torch.tensor(want, dtype=torch.long, device=logits.device)
+            ks = [seqs[r].sampling.logprobs or 0 for r in want]
+            for r, entry in zip(want, token_logprobs(logits[rows], drawn[rows], ks), strict=True):
+                lps[keep[r]] = entry
+        return tokens, lps
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
         self.scheduler.finish(seq)
         self._requests.pop(seq.request_id, None)
 
-    def _output(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
+    def _output(
+        self,
+        seq: Sequence,
+        new_tokens: list[int],
+        logprobs: list[TokenLogprob] | None = None,
+        prompt_logprobs: list[TokenLogprob | None] | None = None,
+        prompt_token_ids: list[int] | None = None,
+    ) -> RequestOutput:
         return RequestOutput(
             request_id=seq.request_id,
             text=seq.output_text,
@@ -309,6 +374,9 @@ class LLMEngine:
             kv=seq.kv_stats,
             # The whole list is copied once, when the request ends, not every step.
             token_ids=list(seq.output_token_ids) if seq.finished else [],
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            prompt_token_ids=prompt_token_ids,
         )
 
     # ------------------------------------------------------------------ statistics
@@ -432,7 +500,7 @@ class LLMEngine:
             raise KVBudgetError("the KV cache cannot hold the next chunk", param="prompt")
         sample = [0] if n == seq.num_uncomputed else []
         batch = ScheduledBatch([seq], [n], int(decode), sample, [])
-        logits = self.runner.run(batch.seqs, batch.num_tokens, batch.num_decode, sample)
+        logits = self.runner.run(batch.seqs, batch.num_tokens, batch.num_decode, sample).logits
         seq.num_computed += n
         self.scheduler.after_step(batch)
         return [logits[0]] if sample else []

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import NamedTuple
+
 import torch
 
 from kvcompress.attention.metadata import build_metadata
 from kvcompress.cache import PagedKVCache
+from kvcompress.engine.logprobs import TokenLogprob, score_positions
 from kvcompress.engine.sequence import Sequence
+
+
+class RunnerOutput(NamedTuple):
+    logits: torch.Tensor  # [len(sample), vocab]: the next token of the sampled sequences
+    # Batch index -> the logprob of the next prompt token at each position of its chunk
+    # (the sequences ``run`` was asked to score; none past the prompt's last token).
+    prompt_logprobs: dict[int, list[TokenLogprob]]
 
 
 class ModelRunner:
@@ -17,13 +28,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(
-        self, seqs: list[Sequence], num_tokens: list[int], num_decode: int, sample: list[int]
-    ) -> torch.Tensor:
+        self,
+        seqs: list[Sequence],
+        num_tokens: list[int],
+        num_decode: int,
+        sample: list[int],
+        prompt_logprobs: Mapping[int, int] | None = None,
+    ) -> RunnerOutput:
         """Feed ``num_tokens[i]`` tokens of each sequence; logits ``[len(sample), vocab]``
         for the next token of the sequences at the indices ``sample``.
 
         The first ``num_decode`` sequences decode (their last token); the others feed their
-        next ``num_tokens[i]`` uncomputed tokens (a prefill chunk).
+        next ``num_tokens[i]`` uncomputed tokens (a prefill chunk). ``prompt_logprobs`` maps
+        the index of a chunk to score to its top-k: the logprob of each next prompt token
+        is computed from this very forward pass, and only for those chunks.
         """
         dev = self.device
         # 0: the sequence collects no metric (its policy does not score by it, or it will
@@ -57,10 +75,36 @@ class ModelRunner:
             metric_power=metric_power,
         )
         hidden = self.model(input_ids, plan.positions, meta)
+        scored = self._score_prompts(seqs, num_tokens, computed, hidden, prompt_logprobs or {})
         if len(sample) != len(seqs) or num_decode != len(seqs):
             ends, total = [], 0
             for n in num_tokens:
                 total += n
                 ends.append(total - 1)
             hidden = hidden[torch.tensor([ends[i] for i in sample], dtype=torch.long, device=dev)]
-        return self.model.compute_logits(hidden)
+        return RunnerOutput(self.model.compute_logits(hidden), scored)
+
+    def _score_prompts(
+        self,
+        seqs: list[Sequence],
+        num_tokens: list[int],
+        computed: list[int],
+        hidden: torch.Tensor,  # [tokens of the step, H]
+        score: Mapping[int, int],
+    ) -> dict[int, list[TokenLogprob]]:
+        if not score:
+            return {}
+        offsets = [0]
+        for n in num_tokens:
+            offsets.append(offsets[-1] + n)
+        out = {}
+        for i, k in score.items():
+            seq, start = seqs[i], computed[i]
+            # Position p predicts token p + 1: the prompt's last position predicts the first
+            # generated token, which is the sampler's business.
+            m = min(num_tokens[i], len(seq.prompt_token_ids) - 1 - start)
+            ids = seq.token_slice(start + 1, start + 1 + m)
+            targets = torch.tensor(ids, dtype=torch.long, device=self.device)
+            rows = hidden[offsets[i] : offsets[i] + m]
+            out[i] = score_positions(self.model.compute_logits, rows, targets, k)
+        return out

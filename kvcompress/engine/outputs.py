@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 
 from kvcompress.cache import PagedKVCache
+from kvcompress.engine.logprobs import TokenLogprob
 
 
 class KVStats(NamedTuple):
@@ -55,6 +56,10 @@ class RequestOutput(NamedTuple):
     ``new_token_ids`` holds only the tokens this step generated (a step does not copy a
     request's whole output); ``token_ids`` holds every generated token, on the final output
     only (empty before). ``text`` is everything generated so far.
+
+    ``logprobs`` (requests that asked for them) holds one entry per new token.
+    ``prompt_logprobs`` and the ``prompt_token_ids`` they score come once, on the output of
+    the step that completes the prefill; the first prompt token has no logprob (None).
     """
 
     request_id: str
@@ -66,6 +71,9 @@ class RequestOutput(NamedTuple):
     finish_reason: str | None
     kv: KVStats | None
     token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 class RequestState(NamedTuple):

@@ -57,9 +57,11 @@ class RequestStream:
         queue = self._stream.queue
         item = await queue.get()
         # Each output carries the full text so far, so a slow consumer may skip to the newest
-        # one instead of working through a backlog token by token.
+        # one instead of working through a backlog token by token; what only the skipped
+        # ones carried (their new tokens and logprobs) is merged into it.
         while not isinstance(item, BaseException) and not item.finished and not queue.empty():
-            item = queue.get_nowait()
+            newer = queue.get_nowait()
+            item = newer if isinstance(newer, BaseException) else merge_outputs(item, newer)
         if isinstance(item, BaseException):
             self.finished = True
             raise item
@@ -77,3 +79,17 @@ class RequestStream:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.abort()
+
+
+def merge_outputs(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """``newer`` carrying also what only ``older`` held: its step's new tokens, their
+    logprobs, and the prompt logprobs (which come once)."""
+    logprobs = newer.logprobs
+    if older.logprobs is not None:
+        logprobs = older.logprobs + (newer.logprobs or [])
+    return newer._replace(
+        new_token_ids=older.new_token_ids + newer.new_token_ids,
+        logprobs=logprobs,
+        prompt_logprobs=older.prompt_logprobs or newer.prompt_logprobs,
+        prompt_token_ids=older.prompt_token_ids or newer.prompt_token_ids,
+    )

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvcompress.engine.logprobs import MAX_LOGPROBS
 from kvcompress.errors import InvalidParameterError
 
 
@@ -20,15 +21,30 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Log-probabilities with each generated token, and this many alternatives (0: none).
+    logprobs: int | None = None
+    # Log-probabilities of the prompt's tokens (the first has none), delivered once the
+    # prefill completes. With them, max_tokens may be 0: the request only scores its prompt.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            is_int = isinstance(value, int) and not isinstance(value, bool)
+            if value is not None and not (is_int and 0 <= value <= MAX_LOGPROBS):
+                raise InvalidParameterError(
+                    f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}", param=name
+                )
+        least = 0 if self.prompt_logprobs is not None else 1
+        if not isinstance(self.max_tokens, int) or self.max_tokens < least:
+            why = " (0 only to score a prompt, with prompt_logprobs)" if least else ""
             raise InvalidParameterError(
-                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", param="max_tokens"
+                f"max_tokens must be an integer >= {least}{why}, got {self.max_tokens!r}",
+                param="max_tokens",
             )
         if not (isinstance(self.temperature, int | float) and 0 <= self.temperature <= 2):
             raise InvalidParameterError(

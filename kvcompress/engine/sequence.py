@@ -10,6 +10,7 @@ import torch
 
 from kvcompress.compress import CompressionParams
 from kvcompress.engine.detokenizer import DetokenizerState
+from kvcompress.engine.logprobs import TokenLogprob
 from kvcompress.engine.outputs import KVStats
 from kvcompress.engine.sampling import SamplingParams
 
@@ -47,6 +48,10 @@ class Sequence:
     # Tokens appended to the prompt one decode step at a time after the prompt was prefilled
     # and compressed: lets a question arrive after its context was compressed.
     pending_suffix: list[int] = field(default_factory=list)
+    # Prompt logprobs gathered chunk by chunk until the prefill completes, then handed to
+    # that step's output; a preemption before then gathers them again from the start.
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
 
     def __post_init__(self) -> None:
         if self.sampling.seed is not None:
@@ -93,6 +98,11 @@ class Sequence:
         if self.output_token_ids:
             raise ValueError("prompt tokens cannot follow generated tokens")
         self.prompt_token_ids.append(token)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether this sequence's prefill chunks must be scored (prompt logprobs)."""
+        return self.sampling.prompt_logprobs is not None and not self.prompt_logprobs_sent
 
     @property
     def finished(self) -> bool:

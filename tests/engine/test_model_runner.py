@@ -72,7 +72,7 @@ def test_paged_prefill_and_decode_match_transformers(
 def prefill(runner: ModelRunner, seqs: list[Sequence]) -> torch.Tensor:
     """Feed each sequence's whole prompt in one step; the logits after it."""
     counts = [seq.num_uncomputed for seq in seqs]
-    logits = runner.run(seqs, counts, 0, list(range(len(seqs))))
+    logits = runner.run(seqs, counts, 0, list(range(len(seqs)))).logits
     for seq, n in zip(seqs, counts, strict=True):
         seq.num_computed += n
         seq.prefilled = True
@@ -80,7 +80,7 @@ def prefill(runner: ModelRunner, seqs: list[Sequence]) -> torch.Tensor:
 
 
 def decode(runner: ModelRunner, seqs: list[Sequence]) -> torch.Tensor:
-    logits = runner.run(seqs, [1] * len(seqs), len(seqs), list(range(len(seqs))))
+    logits = runner.run(seqs, [1] * len(seqs), len(seqs), list(range(len(seqs)))).logits
     for seq in seqs:
         seq.num_computed += 1
     return logits

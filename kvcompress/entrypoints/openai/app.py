@@ -33,6 +33,13 @@ from kvcompress.engine import (
 from kvcompress.entrypoints.openai import protocol as p
 from kvcompress.entrypoints.openai import responses as r
 from kvcompress.entrypoints.openai.guard import RequestGuard
+from kvcompress.entrypoints.openai.logprobs import (
+    ChatLogprobs,
+    CompletionLogprobs,
+    Entry,
+    TokenTexts,
+    entries,
+)
 from kvcompress.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from kvcompress.entrypoints.openai.options import ServerOptions
 from kvcompress.errors import (
@@ -69,6 +76,8 @@ class _Call:
     body: p.CommonRequest
     stop: tuple[str, ...]
     arrival: float
+    echo: str = ""  # the prompt's text, put before the completion's (completions' echo)
+    logprobs: CompletionLogprobs | ChatLogprobs | None = None  # when the request asked
 
 
 class _Timing:
@@ -129,6 +138,7 @@ def build_app(
         openapi_url="/openapi.json" if docs else None,
     )
     metrics = ServerMetrics(engine, served_model)
+    texts = TokenTexts(engine.tokenizer)
     created = r.now()
     app.state.engine = engine
     app.state.metrics = metrics
@@ -217,7 +227,15 @@ def build_app(
         request_id = r.new_id("cmpl" if kind == "completion" else "chatcmpl")
         param = "prompt" if kind == "completion" else "messages"
         stream = await _add(engine, prompt, sampling, compression, request_id, asked, param)
-        call = _Call(kind, request_id, r.now(), stream, body, sampling.stop, arrival)
+        echo = ""
+        if isinstance(body, p.CompletionRequest) and body.echo:
+            echo = prompt if isinstance(prompt, str) else texts.decode(list(prompt))
+        logprobs = None
+        if sampling.logprobs is not None:
+            logprobs = (CompletionLogprobs if kind == "completion" else ChatLogprobs)(texts)
+        call = _Call(
+            kind, request_id, r.now(), stream, body, sampling.stop, arrival, echo, logprobs
+        )
         if body.stream:
             return _EventStream(_sse(call, served_model, metrics), on_close=stream.abort)
         return await _complete(call, served_model, metrics, request)
@@ -252,11 +270,14 @@ async def _add(
 
 async def _complete(call: _Call, model: str, metrics: ServerMetrics, request: Request) -> Response:
     timing = _Timing(metrics, call.arrival)
+    found: list[Entry] = []  # every token's logprobs, the prompt's first when echoed
 
     async def consume() -> RequestOutput | None:
         final = None
         async for out in call.stream:
             timing.observe(out)
+            if call.logprobs is not None:
+                found.extend(entries(out))
             final = out
         return final
 
@@ -272,7 +293,9 @@ async def _complete(call: _Call, model: str, metrics: ServerMetrics, request: Re
     if final is None:  # the client left; nobody will read this
         return Response(status_code=499)
     build = r.completion_body if call.kind == "completion" else r.chat_body
-    body = build(call.request_id, call.created, model, final.text, final.finish_reason)
+    logprobs = call.logprobs.part(found) if call.logprobs is not None else None
+    text = call.echo + final.text
+    body = build(call.request_id, call.created, model, text, final.finish_reason, logprobs)
     body["usage"] = r.usage(final.prompt_tokens, len(final.token_ids))
     body["kv"] = r.kv_dict(final.kv)
     return JSONResponse(body)
@@ -329,18 +352,27 @@ async def _sse(call: _Call, model: str, metrics: ServerMetrics) -> AsyncIterator
     tracker = r.DeltaTracker(call.stop)
     timing = _Timing(metrics, call.arrival)
     rid, created = call.request_id, call.created
-    chunk: Callable[[str, str | None], dict[str, Any]]
+    chunk: Callable[[str, str | None, dict[str, Any] | None], dict[str, Any]]
     if call.kind == "completion":
         object_type = "text_completion"
 
-        def chunk(text: str, finish: str | None) -> dict[str, Any]:
-            return r.completion_chunk(rid, created, model, text, finish)
+        def chunk(text: str, finish: str | None, lp: dict[str, Any] | None) -> dict[str, Any]:
+            return r.completion_chunk(rid, created, model, text, finish, lp)
     else:
         object_type = "chat.completion.chunk"
 
-        def chunk(text: str, finish: str | None) -> dict[str, Any]:
+        def chunk(text: str, finish: str | None, lp: dict[str, Any] | None) -> dict[str, Any]:
             delta = {"content": text} if text or finish is None else {}
-            return r.chat_chunk(rid, created, model, delta, finish)
+            return r.chat_chunk(rid, created, model, delta, finish, lp)
+
+    echo = call.echo  # goes out with the first chunk
+
+    def logprobs_of(out: RequestOutput) -> dict[str, Any] | None:
+        """The logprobs of this output's tokens; None when there are none to send."""
+        if call.logprobs is None:
+            return None
+        found = entries(out)
+        return call.logprobs.part(found) if found else None
 
     async with call.stream:
         try:
@@ -350,9 +382,12 @@ async def _sse(call: _Call, model: str, metrics: ServerMetrics) -> AsyncIterator
             async for out in call.stream:
                 timing.observe(out)
                 delta = tracker.update(out.text, out.finished)
+                # Each chunk carries the logprobs of its tokens, even while its text is held
+                # back (a partial character, a possible stop string).
+                lp = logprobs_of(out)
                 if out.finished:
                     final = out
-                    last = chunk(delta, out.finish_reason)
+                    last = chunk(echo + delta, out.finish_reason, lp)
                     last["kv"] = r.kv_dict(out.kv)
                     yield _sse_event(last)
                     if call.body.include_usage:
@@ -360,8 +395,9 @@ async def _sse(call: _Call, model: str, metrics: ServerMetrics) -> AsyncIterator
                         closing = r.usage_chunk(rid, created, model, object_type, usage)
                         closing["kv"] = last["kv"]
                         yield _sse_event(closing)
-                elif delta:
-                    yield _sse_event(chunk(delta, None))
+                elif delta or echo or lp is not None:
+                    yield _sse_event(chunk(echo + delta, None, lp))
+                    echo = ""
             if final is None:
                 raise RequestFailedError("the request ended without a final output")
         except (RequestFailedError, EngineShutdownError) as err:

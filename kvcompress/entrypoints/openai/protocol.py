@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from kvcompress.compress import compression_fields
-from kvcompress.engine import SamplingParams
+from kvcompress.engine import MAX_LOGPROBS, SamplingParams
 from kvcompress.errors import InvalidParameterError
 
 # Integers go on into torch (tensors, generators) as 64-bit values; a larger one would fail
@@ -32,6 +32,8 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 Int = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
 Float = Annotated[StrictFloat, Field(allow_inf_nan=False)]
 PositiveInt = Annotated[StrictInt, Field(ge=1, le=INT64_MAX)]
+NonNegativeInt = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
+TopLogprobs = Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]
 # What torch.Generator.manual_seed accepts: any signed or unsigned 64-bit value.
 Seed = Annotated[StrictInt, Field(ge=INT64_MIN, le=2**64 - 1)]
 
@@ -114,6 +116,10 @@ class CommonRequest(CompressionFields):  # type: ignore[misc, valid-type]
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def logprob_params(self) -> dict[str, int | None]:
+        """The engine's ``logprobs`` and ``prompt_logprobs`` for this request."""
+        return {}
+
     def check_supported(self) -> None:
         """Reject OpenAI features this server does not implement, rather than ignore them."""
         if self.n != 1:
@@ -126,9 +132,10 @@ class CommonRequest(CompressionFields):  # type: ignore[misc, valid-type]
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
+        asked = self.requested_max_tokens()
         try:
             return SamplingParams(
-                max_tokens=self.requested_max_tokens() or default_max_tokens,
+                max_tokens=asked if asked is not None else default_max_tokens,
                 temperature=self.temperature,
                 top_k=self.top_k,
                 top_p=self.top_p,
@@ -136,6 +143,7 @@ class CommonRequest(CompressionFields):  # type: ignore[misc, valid-type]
                 stop=tuple(stop),
                 stop_token_ids=tuple(self.stop_token_ids or ()),
                 ignore_eos=self.ignore_eos,
+                **self.logprob_params(),
             )
         except InvalidParameterError as err:
             raise APIError(str(err), param=err.param, code=err.code) from err
@@ -146,30 +154,42 @@ class CommonRequest(CompressionFields):  # type: ignore[misc, valid-type]
 
 
 class CompletionRequest(CommonRequest):
-    prompt: StrictStr | list[StrictInt] | list[StrictStr]
+    # A list of one token-id list is what batching clients (lm-evaluation-harness) send.
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+    # 0 scores the prompt only (with echo and logprobs): no token is generated.
+    max_tokens: NonNegativeInt | None = None
     echo: StrictBool = False
     suffix: StrictStr | None = None
     best_of: Int | None = None
-    logprobs: Int | None = None
+    logprobs: TopLogprobs | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt_shape(cls, value: Any) -> Any:
         # One clear message instead of one error per member of the union.
+        def token_ids(v: Any) -> bool:
+            return isinstance(v, list) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in v
+            )
+
         ok = isinstance(value, str) or (
             isinstance(value, list)
             and (
-                all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+                token_ids(value)
                 or all(isinstance(v, str) for v in value)
+                or all(token_ids(v) for v in value)
             )
         )
         if not ok:
-            raise ValueError("prompt must be a string, a list of token ids, or a list of strings")
+            raise ValueError(
+                "prompt must be a string, a list of token ids, or a list of strings or of "
+                "token-id lists"
+            )
         return value
 
     def single_prompt(self) -> str | list[int]:
         prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
             if len(prompt) != 1:
                 raise APIError("only one prompt per request is supported", param="prompt")
             prompt = prompt[0]
@@ -179,14 +199,20 @@ class CompletionRequest(CommonRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise APIError("echo is not supported", param="echo")
         if self.suffix:
             raise APIError("suffix is not supported", param="suffix")
         if self.best_of not in (None, 1):
             raise APIError("only best_of=1 is supported", param="best_of")
-        if self.logprobs is not None:
-            raise APIError("logprobs are not supported", param="logprobs")
+        if self.max_tokens == 0 and not (self.echo and self.logprobs is not None):
+            raise APIError(
+                "max_tokens=0 only scores the prompt: it needs echo=true and logprobs",
+                param="max_tokens",
+            )
+
+    def logprob_params(self) -> dict[str, int | None]:
+        # With echo, the prompt's tokens are listed before the completion's: with logprobs.
+        prompt = self.logprobs if self.echo else None
+        return {"logprobs": self.logprobs, "prompt_logprobs": prompt}
 
 
 class TextPart(BaseModel):
@@ -228,7 +254,7 @@ class ChatCompletionRequest(CommonRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: PositiveInt | None = None
     logprobs: StrictBool | None = None
-    top_logprobs: Int | None = None
+    top_logprobs: TopLogprobs | None = None
     tools: list[Any] | None = None
 
     def requested_max_tokens(self) -> int | None:
@@ -237,12 +263,15 @@ class ChatCompletionRequest(CommonRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs:
-            raise APIError("logprobs are not supported", param="logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError("top_logprobs needs logprobs=true", param="top_logprobs")
         if self.tools:
             raise APIError("tools are not supported", param="tools")
         if all(not m.as_template_message()["content"].strip() for m in self.messages):
             raise APIError("the messages are all empty", param="messages")
+
+    def logprob_params(self) -> dict[str, int | None]:
+        return {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
 
 
 def validation_error(errors: list[dict[str, Any]]) -> APIError:

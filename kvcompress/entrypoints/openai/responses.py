@@ -80,20 +80,31 @@ class DeltaTracker:
 
 
 def completion_body(
-    request_id: str, created: int, model: str, text: str, finish_reason: str | None
+    request_id: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return {
         "id": request_id,
         "object": "text_completion",
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [choice],
     }
 
 
 def chat_body(
-    request_id: str, created: int, model: str, text: str, finish_reason: str | None
+    request_id: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     message = {"role": "assistant", "content": text, "refusal": None}
     return {
@@ -103,16 +114,21 @@ def chat_body(
         "model": model,
         "system_fingerprint": None,
         "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+            {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
         ],
     }
 
 
 def completion_chunk(
-    request_id: str, created: int, model: str, text: str, finish_reason: str | None = None
+    request_id: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     # The legacy completions stream reuses the non-streaming object type.
-    return completion_body(request_id, created, model, text, finish_reason)
+    return completion_body(request_id, created, model, text, finish_reason, logprobs)
 
 
 def chat_chunk(
@@ -121,14 +137,16 @@ def chat_chunk(
     model: str,
     delta: dict[str, Any],
     finish_reason: str | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return {
         "id": request_id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [choice],
     }
 
 
