@@ -74,7 +74,8 @@ class Scheduler:
     # ------------------------------------------------------------------ schedule
     def schedule(self) -> ScheduledBatch | None:
         exhausted: list[Sequence] = []
-        for _ in range(len(self.running) + 2):
+        # Each round schedules something, frees blocks by compressing, or preempts.
+        for _ in range(2 * len(self.running) + 2):
             self._make_room_for_decode(exhausted)
             batch = self._plan(exhausted)
             if batch.seqs or not self.running:
@@ -85,6 +86,13 @@ class Scheduler:
             if not self.compress([s for s in self.running if s.may_compress]):
                 self._preempt_or_exhaust(exhausted)
         if not batch.seqs and not exhausted:
+            if self.waiting and not self.running:
+                # add_request refuses what cannot run alone; reaching here is a bug, and
+                # raising beats spinning forever.
+                raise RuntimeError(
+                    f"cannot admit request {self.waiting[0].request_id} into an empty cache "
+                    f"of {self.cache.num_free_blocks} free blocks"
+                )
             return None
         return batch
 
@@ -109,16 +117,19 @@ class Scheduler:
         while self.waiting and tokens_left > 0:
             seq = self.waiting[0]
             n = min(self.chunk_size, seq.num_uncomputed, tokens_left)
-            need = self.blocks_for(n)
             # Beside others, the request must leave room for what it may claim next; alone,
             # its first chunk fitting is enough (the add-time check made sure it can finish).
             reserve = self._headroom(seq, n) if self.running else 0
+            # A first chunk as large as the room left allows: a budget smaller than one
+            # chunk still starts (the rest of the prompt follows in smaller chunks).
+            n = min(n, (free - reserve) // self.heads * self.cache.block_size)
             if (
-                need + reserve > free
+                n < 1
                 or len(self.running) >= self.config.max_num_seqs
                 or self.cache.num_free_seq_slots == 0
             ):
                 break
+            need = self.blocks_for(n)
             self.waiting.popleft()
             seq.slot = self.cache.allocate_seq()
             seq.status = SequenceStatus.RUNNING
