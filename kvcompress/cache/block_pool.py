@@ -1,4 +1,9 @@
-"""The one pool of physical blocks shared by every layer, KV head and sequence."""
+"""The one pool of physical blocks shared by every layer, KV head and sequence.
+
+Every block carries a reference count: the block-table entries that point at it. A forked
+sequence shares its parent's blocks (count > 1); a block returns to the free stack only
+when its last reference is dropped.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ class OutOfBlocksError(RuntimeError):
 
 
 class BlockPool:
-    """A stack of free block ids held in a tensor, so allocation and freeing are slices."""
+    """A stack of free block ids held in a tensor, so allocation and freeing are slices,
+    and ``refcount [num_blocks]`` (long): references to each block (0 exactly when free)."""
 
     def __init__(self, num_blocks: int, device: torch.device) -> None:
         if num_blocks <= 0:
@@ -28,6 +34,7 @@ class BlockPool:
         self._stack = torch.arange(num_blocks - 1, -1, -1, dtype=torch.long, device=device)
         self._num_free = num_blocks
         self._peak_used = 0
+        self.refcount = torch.zeros(num_blocks, dtype=torch.long, device=device)
 
     @property
     def num_free(self) -> int:
@@ -55,14 +62,30 @@ class BlockPool:
         blocks = self._stack[start : self._num_free].clone()
         self._num_free = start
         self._peak_used = max(self._peak_used, self.num_blocks - start)
+        self.refcount[blocks] = 1
         return blocks
 
-    def free(self, blocks: torch.Tensor) -> None:
-        n = blocks.numel()
-        if self._num_free + n > self.num_blocks:
-            raise RuntimeError("freeing more blocks than were allocated (double free)")
-        self._stack[self._num_free : self._num_free + n] = blocks.reshape(-1)
-        self._num_free += n
+    def share(self, blocks: torch.Tensor) -> None:
+        """One more reference to each of ``blocks`` (a block may appear several times)."""
+        blocks = blocks.reshape(-1)
+        self.refcount.index_add_(0, blocks, torch.ones_like(blocks))
+
+    def free(self, blocks: torch.Tensor) -> int:
+        """Drop one reference to each of ``blocks`` (repeats drop several); blocks left with
+        none return to the free stack. Returns how many did."""
+        blocks = blocks.reshape(-1)
+        if blocks.numel() == 0:
+            return 0
+        ids, drops = blocks.unique(return_counts=True)
+        left = self.refcount[ids] - drops
+        if bool((left < 0).any()):
+            raise RuntimeError("freeing a block more often than it is referenced (double free)")
+        self.refcount[ids] = left
+        released = ids[left == 0]
+        r = released.numel()
+        self._stack[self._num_free : self._num_free + r] = released
+        self._num_free += r
+        return r
 
     def free_ids(self) -> torch.Tensor:
         """The free block ids (a copy), for checks and statistics."""

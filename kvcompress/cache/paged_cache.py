@@ -11,6 +11,14 @@ Layout (all tensors on ``config.device``):
 * ``block_tables``: ``[num_layers, max_seqs, num_kv_heads, max_blocks_per_head]`` (-1: none).
 * ``context_lens``: ``[num_layers, max_seqs, num_kv_heads]`` KVs held by each head.
 * ``seq_lens``: ``[max_seqs]`` tokens seen by each sequence (its next position).
+* ``pool.refcount``: ``[num_blocks]`` block-table entries referencing each block.
+
+Sequences may share blocks: :meth:`PagedKVCache.fork_seq` copies a sequence's tables and
+counts one more reference to each block. A write into a shared block copies it first
+(copy-on-write, one (layer, KV head) block at a time): an append into a shared partial last
+block (:meth:`prepare_append`), and compaction's moves (:meth:`copy_on_write`). The eviction
+metric is the exception: decode attention adds to the metric of every KV it attends, so a
+shared KV's metric sums the attention of every sequence sharing it.
 
 Every per-step operation is tensor code over all (layer, sequence, head) rows at once.
 """
@@ -22,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvcompress.cache.block_pool import BlockPool
+from kvcompress.cache.block_pool import BlockPool, OutOfBlocksError
 from kvcompress.cache.config import CacheConfig
 from kvcompress.cache.quant import copyable, dequantize, first_scale, is_fp8, quantize
 
@@ -91,13 +99,16 @@ class HeadView(NamedTuple):
 
 
 class CacheAudit(NamedTuple):
-    """The pool checked against the block tables; every count but the first two is 0 when
-    the cache is consistent."""
+    """The pool checked against the block tables; every count but the first three is 0
+    when the cache is consistent, and ``pool_used == table_distinct``."""
 
     pool_used: int  # blocks the pool has handed out
     table_held: int  # block-table entries referencing a block, over all sequences
+    table_distinct: int  # distinct blocks the tables reference (shared ones once)
     leaked: int  # handed out by the pool but referenced by no table
-    shared: int  # referenced by more than one table entry
+    # Blocks whose pool reference count differs from the table entries pointing at them
+    # (sharing is legal, uncounted sharing is not).
+    refcount_mismatch: int
     referenced_free: int  # referenced by a table while on the pool's free stack
     overheld_rows: int  # (layer, seq, head) rows holding blocks past ceil(len / block_size)
     short_rows: int  # rows missing a block inside ceil(len / block_size)
@@ -106,9 +117,9 @@ class CacheAudit(NamedTuple):
     @property
     def ok(self) -> bool:
         return (
-            self.pool_used == self.table_held
+            self.pool_used == self.table_distinct
             and not self.leaked
-            and not self.shared
+            and not self.refcount_mismatch
             and not self.referenced_free
             and not self.overheld_rows
             and not self.short_rows
@@ -169,8 +180,21 @@ class PagedKVCache:
         self._seq_in_use[slot] = True
         return slot
 
+    def fork_seq(self, src: int) -> int:
+        """A new sequence sharing every block of ``src``: its tables, lengths and position
+        are copied and each block counts one more reference (no KV is copied)."""
+        self._check_live([src])
+        dst = self.allocate_seq()
+        rows = self.block_tables[:, src]
+        self.block_tables[:, dst] = rows
+        self.pool.share(rows[rows >= 0])
+        self.context_lens[:, dst] = self.context_lens[:, src]
+        self.seq_lens[dst] = self.seq_lens[src]
+        return dst
+
     def free_seq(self, slot: int) -> None:
-        """Return every block of a sequence to the pool and release its row."""
+        """Drop a sequence's references to its blocks (those no other sequence shares
+        return to the pool) and release its row."""
         self._check_live([slot])
         rows = self.block_tables[:, slot]
         held = rows >= 0
@@ -192,11 +216,48 @@ class PagedKVCache:
 
     # ----------------------------------------------------------------- appends
     def blocks_needed(self, seq_slots: torch.Tensor, num_tokens: torch.Tensor) -> int:
-        """Blocks an append of ``num_tokens[i]`` tokens to each ``seq_slots[i]`` would allocate."""
+        """Blocks an append of ``num_tokens[i]`` tokens to each ``seq_slots[i]`` would allocate
+        (new blocks plus copies of shared partial last blocks)."""
+        seq_slots = seq_slots.to(device=self.config.device, dtype=torch.long)
+        num_tokens = num_tokens.to(device=self.config.device, dtype=torch.long)
         lens = self.context_lens[:, seq_slots, :]
         new_lens = lens + num_tokens.view(1, -1, 1)
         bs = self.block_size
-        return int((_ceil_div(new_lens, bs) - _ceil_div(lens, bs)).sum().item())
+        grow = _ceil_div(new_lens, bs) - _ceil_div(lens, bs)
+        cow = self._shared_tails(seq_slots, lens, num_tokens)
+        return int((grow.sum() + cow.sum()).item())
+
+    def _shared_tails(
+        self, seq_slots: torch.Tensor, lens: torch.Tensor, num_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """``[L, B, H]`` bool: the row's append writes into a partial last block that another
+        row shares (so it must copy it first)."""
+        bs = self.block_size
+        L, H = self.num_layers, self.num_kv_heads
+        partial = (lens % bs != 0) & (num_tokens.view(1, -1, 1) > 0)
+        col = torch.div(lens, bs, rounding_mode="floor").clamp(max=self.block_tables.shape[-1] - 1)
+        last = self.block_tables[
+            self._layer_index.view(L, 1, 1),
+            seq_slots.view(1, -1, 1),
+            self._head_index.view(1, 1, H),
+            col,
+        ]
+        return partial & (self.pool.refcount[last.clamp(min=0)] > 1)
+
+    def copy_on_write(
+        self, layer: torch.Tensor, seq: torch.Tensor, head: torch.Tensor, col: torch.Tensor
+    ) -> torch.Tensor:
+        """Give each table entry ``(layer[i], seq[i], head[i], col[i])`` a private copy of its
+        block (K, V, metric, position), dropping its reference to the shared one; returns
+        the new block ids. Raises :class:`OutOfBlocksError` before any change."""
+        old = self.block_tables[layer, seq, head, col]
+        new = self.pool.allocate(old.numel())
+        if old.numel():
+            for pool in (copyable(self.k_pool), copyable(self.v_pool), self.metric, self.position):
+                pool[new] = pool[old]
+            self.block_tables[layer, seq, head, col] = new
+            self.pool.free(old)
+        return new
 
     def prepare_append(self, seq_slots: torch.Tensor, num_tokens: torch.Tensor) -> AppendPlan:
         """Allocate room for the next tokens of every head of the given sequences.
@@ -226,16 +287,25 @@ class PagedKVCache:
         need = (_ceil_div(new_lens, bs) - old_nb).reshape(-1)
         start_pos = self.seq_lens[seq_slots]
         new_seq_lens = start_pos + num_tokens
+        cow = self._shared_tails(seq_slots, lens, num_tokens)  # [L, B, H]
         # Everything the host needs from the device, in one sync.
-        counts = torch.stack((need.sum(), num_tokens.sum(), num_tokens.max(), new_seq_lens.max()))
+        counts = torch.stack(
+            (need.sum(), num_tokens.sum(), num_tokens.max(), new_seq_lens.max(), cow.sum())
+        )
         host = torch.cat((counts, new_lens.amax(dim=(0, 2)), new_lens.amin(dim=(0, 2)))).tolist()
-        total, n_total, most, max_seq_len = host[:4]
-        seq_max, seq_min = tuple(host[4 : 4 + B]), tuple(host[4 + B :])
+        total, n_total, most, max_seq_len, n_cow = host[:5]
+        seq_max, seq_min = tuple(host[5 : 5 + B]), tuple(host[5 + B :])
         if max_seq_len > self.config.max_model_len:
             raise ValueError(
                 f"append would exceed max_model_len={self.config.max_model_len} tokens"
             )
-        blocks = self.pool.allocate(total)  # raises before any change
+        if total + n_cow > self.pool.num_free:  # before any change
+            raise OutOfBlocksError(total + n_cow, self.pool.num_free)
+        if n_cow:
+            cl, cb, ch = cow.nonzero(as_tuple=True)
+            col = torch.div(lens[cl, cb, ch], bs, rounding_mode="floor")
+            self.copy_on_write(cl, seq_slots[cb], ch, col)
+        blocks = self.pool.allocate(total)
 
         if total:
             row = torch.repeat_interleave(torch.arange(need.numel(), device=dev), need)
@@ -355,9 +425,21 @@ class PagedKVCache:
         """Blocks the sequence *should* hold: ``ceil(kept / block_size)`` summed over heads."""
         return int(_ceil_div(self.context_lens[:, slot], self.block_size).sum().item())
 
+    def blocks_shared(self, slot: int) -> int:
+        """Of :meth:`blocks_held`, the entries whose block other entries reference too."""
+        rows = self.block_tables[:, slot]
+        held = rows[rows >= 0]
+        return int((self.pool.refcount[held] > 1).sum().item())
+
     def held_block_count(self) -> int:
-        """Blocks referenced by every block table; equals ``pool.num_used`` unless a leak."""
+        """Block-table entries referencing a block, over every table (a shared block once
+        per reference); equals ``pool.num_used`` when nothing is shared or leaked."""
         return int((self.block_tables >= 0).sum().item())
+
+    def distinct_block_count(self) -> int:
+        """Distinct blocks the tables reference: ``pool.num_used`` unless a leak."""
+        held = self.block_tables[self.block_tables >= 0]
+        return int(held.unique().numel())
 
     def audit(self) -> CacheAudit:
         """Check the pool against the block tables (a full scan: for tests and metrics)."""
@@ -374,8 +456,9 @@ class PagedKVCache:
         return CacheAudit(
             pool_used=self.pool.num_used,
             table_held=int(referenced.numel()),
+            table_distinct=int((counts > 0).sum().item()),
             leaked=int((in_use & (counts == 0)).sum().item()),
-            shared=int((counts > 1).sum().item()),
+            refcount_mismatch=int((counts != self.pool.refcount).sum().item()),
             referenced_free=int((is_free & (counts > 0)).sum().item()),
             overheld_rows=int((held & ~within).any(dim=-1).sum().item()),
             short_rows=int((~held & within).any(dim=-1).sum().item()),

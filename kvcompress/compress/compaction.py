@@ -4,6 +4,11 @@ Walking from a head's tail, every surviving KV that lies beyond the head's new l
 into the lowest evicted slot not yet filled. Destinations are evicted slots and sources are
 survivors, so the two sets are disjoint and one gather-then-scatter per tensor does every move
 of every head of every sequence in place.
+
+Blocks may be shared between sequences (forks, see ``PagedKVCache.fork_seq``). Only the
+blocks that receive a move are written: those of them that are shared are copied first
+(copy-on-write), so a compaction never changes what another sequence sees; shared blocks
+it only reads from, or drops at a head's tail, lose one reference and stay intact.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ def compact(
     plan: EvictionPlan,
     workspace: Workspace | None = None,
 ) -> int:
-    """Apply a plan to the cache; returns the number of blocks returned to the pool."""
+    """Apply a plan to the cache; returns the net number of blocks returned to the pool
+    (those released minus copies of shared blocks). Raises ``OutOfBlocksError`` before any
+    change when the pool cannot hold those copies."""
     S, _LH, width = plan.evict_mask.shape
     if S == 0 or width == 0:
         return 0
@@ -33,6 +40,7 @@ def compact(
     holes = plan.evict_mask & inside
     movers = view.valid() & ~plan.evict_mask & ~inside
 
+    copied = _unshare_destinations(cache, seq_slots, view, holes)
     hs, hl, hp = holes.nonzero(as_tuple=True)  # per head, ascending slot order
     ms, ml, mp = movers.flip(-1).nonzero(as_tuple=True)  # per head, from the tail
     if hs.numel():
@@ -56,8 +64,24 @@ def compact(
     freed = (cols >= new_nb.unsqueeze(-1)) & (cols < old_nb.unsqueeze(-1))
     fs, fl, fc = freed.nonzero(as_tuple=True)
     blocks = view.blocks[fs, fl, fc]
-    cache.pool.free(blocks)
+    released = cache.pool.free(blocks)
     H = cache.num_kv_heads
     cache.block_tables[fl // H, seq_slots[fs], fl % H, fc] = -1
     cache.context_lens[:, seq_slots, :] = new_lens.view(S, cache.num_layers, H).permute(1, 0, 2)
-    return int(blocks.numel())
+    return released - copied
+
+
+def _unshare_destinations(
+    cache: PagedKVCache, seq_slots: torch.Tensor, view: HeadView, holes: torch.Tensor
+) -> int:
+    """Copy-on-write of the shared blocks that receive moves (``holes [S, LH, width]``);
+    ``view.blocks`` is updated to the copies. Returns the number of copies."""
+    S, LH, nb = view.blocks.shape
+    written = holes.view(S, LH, nb, cache.block_size).any(dim=-1)  # [S, LH, nb]
+    shared = written & (cache.pool.refcount[view.blocks] > 1)
+    s, lh, c = shared.nonzero(as_tuple=True)
+    if s.numel() == 0:
+        return 0
+    H = cache.num_kv_heads
+    view.blocks[s, lh, c] = cache.copy_on_write(lh // H, seq_slots[s], lh % H, c)
+    return int(s.numel())

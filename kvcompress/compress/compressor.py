@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvcompress.cache import HeadView, PagedKVCache
+from kvcompress.cache import HeadView, OutOfBlocksError, PagedKVCache
 from kvcompress.compress import budget
 from kvcompress.compress.compaction import compact
 from kvcompress.compress.metrics import MetricConfig
@@ -100,9 +100,16 @@ class Compressor:
         for members in groups.values():
             for batch in self._passes([seq_slots[i] for i in members]):
                 rows = [members[i] for i in batch]
-                e, b = self._compress_pass(
-                    [seq_slots[i] for i in rows], [params[i] for i in rows], inputs.select(rows)
-                )
+                try:
+                    e, b = self._compress_pass(
+                        [seq_slots[i] for i in rows],
+                        [params[i] for i in rows],
+                        inputs.select(rows),
+                    )
+                except OutOfBlocksError:
+                    # Forked sequences share blocks that this pass would have to copy, and
+                    # the pool cannot hold the copies: the pass is skipped, nothing changed.
+                    continue
                 kvs += e
                 blocks += b
         n = sum(len(m) for m in groups.values())

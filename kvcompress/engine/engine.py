@@ -78,7 +78,9 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, self.cache, self.device)
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = set(mc.eos_token_ids)
-        self._requests: dict[str, Sequence] = {}
+        # Each request's sequences: one, or with n > 1 / best_of the prefilling one and,
+        # from its first sample, its forks.
+        self._requests: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -166,7 +168,16 @@ class LLMEngine:
                 f"{self.max_model_len} tokens, including at least one generated token",
                 param="prompt",
             )
-        self._check_budget_fits(params, len(token_ids) + len(suffix_ids), sampling.max_tokens)
+        if sampling.num_seqs > self.config.max_num_seqs:
+            param = "best_of" if sampling.ranks else "n"
+            raise InvalidParameterError(
+                f"{param}={sampling.num_seqs} exceeds the engine's max_num_seqs "
+                f"({self.config.max_num_seqs})",
+                param=param,
+            )
+        self._check_budget_fits(
+            params, len(token_ids) + len(suffix_ids), sampling.max_tokens, sampling.num_seqs
+        )
         max_queue = self.config.max_queue
         if max_queue is not None and len(self.scheduler.waiting) >= max_queue:
             raise QueueFullError(f"the queue is full ({max_queue} requests waiting)")
@@ -176,19 +187,21 @@ class LLMEngine:
                 f"request id {request_id!r} is already in use", param="request_id"
             )
         seq = Sequence(request_id, token_ids, sampling, params, pending_suffix=suffix_ids)
-        self._requests[request_id] = seq
+        self._requests[request_id] = [seq]
         self.scheduler.add(seq)
         return request_id
 
     def _check_budget_fits(
-        self, params: CompressionParams, prompt_len: int, max_tokens: int
+        self, params: CompressionParams, prompt_len: int, max_tokens: int, seqs: int = 1
     ) -> None:
         """Refuse a request that could not finish even alone in the cache.
 
         What it must hold at its largest: its budget at its final length plus one block per
         head to grow into (compressed between chunks and steps, so the prompt's length does
         not matter); without eviction, every KV; with ``compress_once``, the compressed
-        prompt plus everything it generates.
+        prompt plus everything it generates. With ``seqs`` forks (n > 1), each may come to
+        hold all of its own blocks (compressions copy what they rewrite), but the prompt
+        is shared: the prompt once, and what each sequence adds (at least a block per head).
         """
         capacity = self.capacity()
         heads, bs = capacity.heads, capacity.block_size
@@ -203,6 +216,10 @@ class LLMEngine:
         else:
             need = min(full, blocks_after_compression(params, final, heads, bs) + heads)
             what = f"its budget at {final} tokens plus a block per head"
+        if seqs > 1:
+            shared = min(need, capacity.blocks_for(prompt_len))
+            need += (seqs - 1) * max(need - shared, heads)
+            what += f", and for {seqs - 1} more sequences what they add to the shared prompt"
         if need > capacity.num_blocks:
             raise KVBudgetError(
                 f"the request needs {need} KV blocks ({what}, {heads} heads) but the whole KV "
@@ -213,12 +230,12 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its blocks; False if it was unknown or already done."""
-        seq = self._requests.pop(request_id, None)
-        if seq is None or seq.finished:
-            return False
-        seq.finish_reason = "abort"
-        self.scheduler.finish(seq)
-        return True
+        seqs = self._requests.pop(request_id, None)
+        live = [s for s in seqs or [] if not s.finished]
+        for seq in live:
+            seq.finish_reason = "abort"
+            self.scheduler.finish(seq)
+        return bool(live)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
@@ -252,7 +269,7 @@ class LLMEngine:
             self._finish(seq, "length")
             outputs.append(self._output(seq, []))
         if not batch.seqs:
-            return outputs
+            return self._mark_finished(outputs)
         start = time.perf_counter()
         sampled = [batch.seqs[i] for i in batch.sample]
         # Chunks whose positions must be scored (prompt logprobs): none in a decode-only step.
@@ -265,7 +282,8 @@ class LLMEngine:
             out = self.runner.run(
                 batch.seqs, batch.num_tokens, batch.num_decode, batch.sample, score
             )
-            tokens, logprobs = self._sample(out.logits, sampled)
+            logits, forks = self._fork_at_first_sample(out.logits, sampled)
+            tokens, logprobs = self._sample(logits, sampled)
         except Exception:
             # The batch's requests end with reason "error" and their blocks return to the
             # pool; the engine and every other request carry on.
@@ -273,7 +291,7 @@ class LLMEngine:
             for seq in batch.seqs:
                 self._finish(seq, "error")
                 outputs.append(self._output(seq, []))
-            return outputs
+            return self._mark_finished(outputs)
         elapsed = time.perf_counter() - start
         prefill_tokens = batch.prefill_tokens
         self.prompt_tokens += prefill_tokens
@@ -307,20 +325,77 @@ class LLMEngine:
             seq.append_token(token)
             new_tokens[id(seq)] = [token]
             if logprob is not None:
-                extras.setdefault(id(seq), {})["logprobs"] = [logprob]
+                seq.cumulative_logprob += logprob.logprob
+                if seq.sampling.logprobs is not None:
+                    extras.setdefault(id(seq), {})["logprobs"] = [logprob]
             self.generation_tokens += 1
             check_stop(seq, token, self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.scheduler.after_step(batch)
-        for seq in batch.seqs:
+        # Forks share the parent's blocks as compressed after its prefill.
+        for parent, children in forks:
+            self.scheduler.fork(parent, children)
+        for seq in batch.seqs + [c for _, children in forks for c in children]:
             if seq.finished and seq.slot is not None:
                 seq.kv_stats = self.kv_stats(seq)
                 self.scheduler.finish(seq)
-                self._requests.pop(seq.request_id, None)
             new = new_tokens.get(id(seq))
             # A chunk that did not reach the prompt's end has nothing to report.
             if new is not None or seq.finished:
                 outputs.append(self._output(seq, new or [], **extras.get(id(seq), {})))
-        return outputs
+        return self._mark_finished(outputs)
+
+    def _fork_at_first_sample(
+        self, logits: torch.Tensor, sampled: list[Sequence]
+    ) -> tuple[torch.Tensor, list[tuple[Sequence, list[Sequence]]]]:
+        """Sequences of n > 1 / best_of requests that sample for the first time (their
+        prefill, and suffix, are done) fork: each child samples its own first token from
+        the parent's logits (appended to ``sampled``; the logits rows repeated), and joins
+        the scheduler once the step's compression is done (``Scheduler.fork``)."""
+        forks = []
+        rows = list(range(len(sampled)))
+        for j, seq in enumerate(list(sampled)):
+            if not seq.forks_pending or seq.pending_suffix or seq.sampling.max_tokens == 0:
+                continue
+            children = [seq.child(i) for i in range(1, seq.forks_pending + 1)]
+            self._requests[seq.request_id].extend(children)
+            sampled.extend(children)
+            rows.extend([j] * len(children))
+            forks.append((seq, children))
+        if forks:
+            logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
+        return logits, forks
+
+    def _mark_finished(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """``finished`` on the last output of each request whose sequences are all done
+        (the request then leaves the engine); a best_of > n request's outputs are held
+        back and its ranked choices come instead, once it is done."""
+        done: dict[str, list[Sequence]] = {}
+        for k in range(len(outputs) - 1, -1, -1):
+            rid = outputs[k].request_id
+            seqs = self._requests.get(rid)
+            if seqs is not None and all(s.finished for s in seqs):
+                done[rid] = self._requests.pop(rid)
+                outputs[k] = outputs[k]._replace(finished=True)
+        result = []
+        for out in outputs:
+            seqs = self._requests.get(out.request_id) or done.get(out.request_id)
+            if not seqs or not seqs[0].sampling.ranks:
+                result.append(out)
+            elif out.finished:
+                result.extend(self._best(seqs))
+        return result
+
+    def _best(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """The final outputs of the ``n`` sequences with the highest cumulative logprob,
+        as choices ``0..n-1`` (best first)."""
+        n = seqs[0].sampling.n
+        best = sorted(seqs, key=lambda s: (-s.cumulative_logprob, s.index))[:n]
+        outs = [
+            self._output(s, list(s.output_token_ids))._replace(index=rank)
+            for rank, s in enumerate(best)
+        ]
+        outs[-1] = outs[-1]._replace(finished=True)
+        return outs
 
     def _sample(
         self, logits: torch.Tensor, seqs: list[Sequence]
@@ -338,10 +413,11 @@ class LLMEngine:
         for j, token in zip(keep, drawn.tolist(), strict=True):
             tokens[j] = token
         # A row feeding its suffix draws nothing the request sees: no logprobs for it.
+        # Ranked requests (best_of > n) need the sampled token's logprob too.
         want = [
             r
             for r, seq in enumerate(seqs)
-            if seq.sampling.logprobs is not None and not seq.pending_suffix
+            if (seq.sampling.logprobs is not None or seq.sampling.ranks) and not seq.pending_suffix
         ]
         if want:
             rows = torch.tensor(want, dtype=torch.long, device=logits.device)
@@ -353,7 +429,6 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
         self.scheduler.finish(seq)
-        self._requests.pop(seq.request_id, None)
 
     def _output(
         self,
@@ -369,7 +444,7 @@ class LLMEngine:
             new_token_ids=new_tokens,
             num_output_tokens=len(seq.output_token_ids),
             prompt_tokens=len(seq.prompt_token_ids),
-            finished=seq.finished,
+            finished=False,  # set on the request's last output (see _mark_finished)
             finish_reason=seq.finish_reason,
             kv=seq.kv_stats,
             # The whole list is copied once, when the request ends, not every step.
@@ -377,6 +452,8 @@ class LLMEngine:
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             prompt_token_ids=prompt_token_ids,
+            index=seq.index,
+            cumulative_logprob=seq.cumulative_logprob if seq.sampling.ranks else None,
         )
 
     # ------------------------------------------------------------------ statistics
@@ -401,7 +478,11 @@ class LLMEngine:
         kept = int(self.cache.context_lens[:, slots].sum()) if slots else 0
         seen = int(self.cache.seq_lens[slots].sum()) * self.capacity().heads if slots else 0
         # Counted from the block tables, not from lengths: pool-used minus held is a leak.
-        held = int((self.cache.block_tables[:, slots] >= 0).sum()) if slots else 0
+        rows = self.cache.block_tables[:, slots]
+        refs = rows[rows >= 0]
+        held = int(refs.numel())
+        # References to blocks that other references share (forks of n > 1 requests).
+        shared = int((self.cache.pool.refcount[refs] > 1).sum()) if held else 0
         return EngineStats(
             running=len(s.running),
             waiting=len(s.waiting),
@@ -419,6 +500,7 @@ class LLMEngine:
             generation_tokens=self.generation_tokens,
             prefill_seconds=self.prefill_seconds,
             decode_seconds=self.decode_seconds,
+            blocks_shared=shared,
         )
 
     def reset_peak_memory(self) -> None:

@@ -27,6 +27,10 @@ class KVStats(NamedTuple):
     physical_over_theoretical: float
     kept_per_layer_head: list[list[int]]
     compressions: int
+    # Of ``blocks``, those shared with other sequences of the same request (forks, n > 1):
+    # ``blocks`` counts each shared block once per sequence referencing it, so the
+    # request's sequences together hold fewer physical blocks than their sum.
+    blocks_shared: int = 0
 
     def as_dict(self) -> dict:
         return self._asdict()
@@ -47,6 +51,7 @@ class KVStats(NamedTuple):
             physical_over_theoretical=physical / kept if kept else 1.0,
             kept_per_layer_head=kept_grid.tolist(),
             compressions=compressions,
+            blocks_shared=cache.blocks_shared(slot),
         )
 
 
@@ -56,6 +61,12 @@ class RequestOutput(NamedTuple):
     ``new_token_ids`` holds only the tokens this step generated (a step does not copy a
     request's whole output); ``token_ids`` holds every generated token, on the final output
     only (empty before). ``text`` is everything generated so far.
+
+    With ``n > 1`` (or ``best_of``) a request has several choices: each output belongs to
+    the choice ``index``; ``finish_reason`` is set on a choice's last output (with its
+    ``token_ids`` and ``kv``), and ``finished`` only on the request's very last output, once
+    every choice is done. With ``best_of > n`` only final outputs come, ranked by
+    ``cumulative_logprob``.
 
     ``logprobs`` (requests that asked for them) holds one entry per new token.
     ``prompt_logprobs`` and the ``prompt_token_ids`` they score come once, on the output of
@@ -74,6 +85,8 @@ class RequestOutput(NamedTuple):
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_token_ids: list[int] | None = None
+    index: int = 0
+    cumulative_logprob: float | None = None
 
 
 class RequestState(NamedTuple):
@@ -104,6 +117,9 @@ class EngineStats(NamedTuple):
     generation_tokens: int  # generated since start
     prefill_seconds: float  # model time of steps that fed prompt chunks, since start
     decode_seconds: float  # model time of decode-only steps since start
+    # Of ``blocks_held``, the table references to blocks referenced more than once (forks of
+    # an n > 1 request share their prompt): ``blocks_used`` (physical) <= ``blocks_held``.
+    blocks_shared: int = 0
 
     @property
     def blocks_used(self) -> int:

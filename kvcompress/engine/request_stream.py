@@ -47,6 +47,7 @@ class RequestStream:
         self.request_id = stream.request_id
         self.prompt_tokens = prompt_tokens
         self.finished = False
+        self._held: RequestOutput | None = None  # the next output, read ahead while merging
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -55,13 +56,20 @@ class RequestStream:
         if self.finished:
             raise StopAsyncIteration
         queue = self._stream.queue
-        item = await queue.get()
+        item, self._held = self._held or await queue.get(), None
         # Each output carries the full text so far, so a slow consumer may skip to the newest
         # one instead of working through a backlog token by token; what only the skipped
-        # ones carried (their new tokens and logprobs) is merged into it.
+        # ones carried (their new tokens and logprobs) is merged into it. Outputs of another
+        # choice (n > 1) are not merged: the next call returns it.
         while not isinstance(item, BaseException) and not item.finished and not queue.empty():
             newer = queue.get_nowait()
-            item = newer if isinstance(newer, BaseException) else merge_outputs(item, newer)
+            if isinstance(newer, BaseException):
+                item = newer
+            elif newer.index != item.index or item.finish_reason is not None:
+                self._held = newer
+                break
+            else:
+                item = merge_outputs(item, newer)
         if isinstance(item, BaseException):
             self.finished = True
             raise item

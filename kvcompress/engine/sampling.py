@@ -26,6 +26,11 @@ class SamplingParams:
     # Log-probabilities of the prompt's tokens (the first has none), delivered once the
     # prefill completes. With them, max_tokens may be 0: the request only scores its prompt.
     prompt_logprobs: int | None = None
+    # Choices returned, and sequences sampled to choose them from (None: n). The prompt is
+    # prefilled once; the request then forks into ``best_of`` sequences sharing its KV
+    # blocks, and the ``n`` with the highest cumulative logprob are returned.
+    n: int = 1
+    best_of: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -39,6 +44,15 @@ class SamplingParams:
                 raise InvalidParameterError(
                     f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}", param=name
                 )
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
+            raise InvalidParameterError(f"n must be an integer >= 1, got {self.n!r}", param="n")
+        best_of = self.best_of
+        if best_of is not None and (
+            not isinstance(best_of, int) or isinstance(best_of, bool) or best_of < self.n
+        ):
+            raise InvalidParameterError(
+                f"best_of must be an integer >= n ({self.n}), got {best_of!r}", param="best_of"
+            )
         least = 0 if self.prompt_logprobs is not None else 1
         if not isinstance(self.max_tokens, int) or self.max_tokens < least:
             why = " (0 only to score a prompt, with prompt_logprobs)" if least else ""
@@ -60,6 +74,16 @@ class SamplingParams:
             )
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidParameterError("stop strings must be non-empty strings", param="stop")
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequences the request samples: ``best_of``, else ``n``."""
+        return self.best_of if self.best_of is not None else self.n
+
+    @property
+    def ranks(self) -> bool:
+        """Whether the returned choices are picked by cumulative logprob (best_of > n)."""
+        return self.num_seqs > self.n
 
     @property
     def greedy(self) -> bool:

@@ -114,6 +114,8 @@ class Scheduler:
                 free -= need
         if self.waiting and tokens_left > 0:
             free -= sum(self._headroom(s, scheduled.get(id(s), 0)) for s in self.running)
+        # Sequence slots promised to the forks of prefilling n > 1 requests.
+        forks = sum(s.forks_pending for s in self.running)
         while self.waiting and tokens_left > 0:
             seq = self.waiting[0]
             n = min(self.chunk_size, seq.num_uncomputed, tokens_left)
@@ -123,13 +125,15 @@ class Scheduler:
             # A first chunk as large as the room left allows: a budget smaller than one
             # chunk still starts (the rest of the prompt follows in smaller chunks).
             n = min(n, (free - reserve) // self.heads * self.cache.block_size)
+            rows = 1 + seq.forks_pending  # sequence rows it will take
             if (
                 n < 1
-                or len(self.running) >= self.config.max_num_seqs
-                or self.cache.num_free_seq_slots == 0
+                or len(self.running) + forks + rows > self.config.max_num_seqs
+                or self.cache.num_free_seq_slots - forks < rows
             ):
                 break
             need = self.blocks_for(n)
+            forks += seq.forks_pending
             self.waiting.popleft()
             seq.slot = self.cache.allocate_seq()
             seq.status = SequenceStatus.RUNNING
@@ -160,14 +164,18 @@ class Scheduler:
 
         A sequence that evicts is compressed when memory runs short, so it reserves one
         block per head. One that does not reserves its uncomputed prompt and the next
-        ``decode_headroom`` tokens it may generate.
+        ``decode_headroom`` tokens it may generate. A sequence still to fork (n > 1)
+        reserves the growth of each of its forks too (they share its prompt).
         """
+        forks = seq.forks_pending
         if seq.compression.evicts:
-            return self.heads
+            return self.heads * (1 + forks)
         left = seq.num_uncomputed - scheduled
-        generate = seq.sampling.max_tokens - len(seq.output_token_ids)
-        grow = left + min(generate, self.config.decode_headroom)
-        return self.blocks_for(grow) if grow > 0 else 0
+        generate = min(
+            seq.sampling.max_tokens - len(seq.output_token_ids), self.config.decode_headroom
+        )
+        grow = self.blocks_for(left + generate) if left + generate > 0 else 0
+        return grow + forks * self.blocks_for(generate + self.cache.block_size)
 
     def _decode_need(self, decodes: list[Sequence]) -> int:
         if not decodes:
@@ -240,6 +248,21 @@ class Scheduler:
         # Only now: the compression right after a prefill is the one ``compress_once`` allows.
         for i in batch.sample:
             batch.seqs[i].prefilled = True
+
+    def fork(self, parent: Sequence, children: list[Sequence]) -> None:
+        """Start the forks of a sequence whose prefill completed this step: each shares its
+        blocks and continues as a sequence of its own (preempted alone, recomputed from
+        the prompt and its own output)."""
+        for child in children:
+            child.slot = self.cache.fork_seq(parent.slot)
+            child.num_computed = parent.num_computed
+            child.prefilled = True
+            child.compressions = parent.compressions
+            child.steps_since_compression = parent.steps_since_compression
+            if not child.finished:  # one that stopped at its first token only reports
+                child.status = SequenceStatus.RUNNING
+                self.running.append(child)
+        parent.forks_pending = 0
 
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:

@@ -52,10 +52,36 @@ class Sequence:
     # that step's output; a preemption before then gathers them again from the start.
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     prompt_logprobs_sent: bool = False
+    # Which of the request's sequences this is (0: the one that prefills the prompt; with
+    # n > 1 or best_of, it forks the others once its prefill completes).
+    index: int = 0
+    # Sequences still to fork from this one: ``best_of - 1`` until its first sample.
+    forks_pending: int = 0
+    # Sum of the logprobs of the sampled tokens (kept only for best_of > n, to rank them).
+    cumulative_logprob: float = 0.0
 
     def __post_init__(self) -> None:
         if self.sampling.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.sampling.seed)
+            # Seeded requests: sequence i draws from seed + i (wrapped to 64 bits).
+            seed = (self.sampling.seed + self.index) % 2**64
+            self.generator = torch.Generator().manual_seed(seed)
+        if self.index == 0:
+            self.forks_pending = self.sampling.num_seqs - 1
+
+    def child(self, index: int) -> Sequence:
+        """Sequence ``index`` of this request, forked from this one at its first sample:
+        same prompt, no output yet and no cache slot (``PagedKVCache.fork_seq`` gives it
+        one sharing this sequence's blocks)."""
+        return Sequence(
+            self.request_id,
+            list(self.prompt_token_ids),
+            self.sampling,
+            self.compression,
+            arrival=self.arrival,
+            output_token_ids=list(self.output_token_ids),
+            prompt_logprobs_sent=True,  # the prompt's logprobs go out once, with sequence 0
+            index=index,
+        )
 
     @property
     def token_ids(self) -> list[int]:

@@ -37,3 +37,15 @@ def test_negative_requests_rejected():
         BlockPool(0, torch.device("cpu"))
     with pytest.raises(ValueError):
         BlockPool(4, torch.device("cpu")).allocate(-1)
+
+
+def test_shared_blocks_return_with_their_last_reference():
+    pool = BlockPool(4, torch.device("cpu"))
+    a = pool.allocate(2)
+    pool.share(torch.cat([a, a[:1]]))  # a[0] three references, a[1] two
+    assert pool.refcount[a].tolist() == [3, 2]
+    assert pool.free(a) == 0 and pool.num_free == 2
+    assert pool.free(torch.cat([a, a[:1]])) == 2  # repeats drop several references
+    assert pool.num_free == 4 and int(pool.refcount.sum()) == 0
+    with pytest.raises(RuntimeError, match="double free"):
+        pool.free(a[:1])

@@ -47,7 +47,8 @@ def test_block_held_past_a_heads_length_is_counted():
     assert not audit.ok
     assert audit.overheld_rows == 1
     assert audit.pool_used == audit.table_held == 21  # the pool agrees: the table holds it
-    assert (audit.leaked, audit.shared, audit.referenced_free, audit.short_rows) == (0, 0, 0, 0)
+    counts = (audit.leaked, audit.refcount_mismatch, audit.referenced_free, audit.short_rows)
+    assert counts == (0, 0, 0, 0)
     # free_seq returns it too: nothing stays allocated.
     cache.free_seq(a)
     cache.free_seq(b)
@@ -68,22 +69,27 @@ def test_block_allocated_without_any_table_is_a_leak():
 
 def test_block_referenced_twice_or_while_free_is_reported():
     cache, (a, b) = filled([5, 9])
-    # Head 1 of a's layer 0 points at the block of its head 0: one block, two owners.
+    # Head 1 of a's layer 0 points at the block of its head 0: one block, two owners, but
+    # its reference count says one (sharing is legal only when counted).
     cache.block_tables[0, a, 1, 1] = cache.block_tables[0, a, 0, 1]
     audit = cache.audit()
-    assert audit.shared == 1 and audit.leaked == 1 and not audit.ok
+    assert audit.refcount_mismatch == 2 and audit.leaked == 1 and not audit.ok
 
     cache, (a, b) = filled([5, 9])
     cache.pool.free(cache.block_tables[0, b, 0, :1].clone())  # freed but still in a's table
     audit = cache.audit()
     assert audit.referenced_free == 1 and audit.pool_used == 19 and audit.table_held == 20
 
-    # A block freed twice sits on the free stack twice; the pool's count alone cannot see it.
+    # A block freed twice is refused by its reference count; one pushed onto the free stack
+    # twice behind the pool's back is still seen by the audit.
     cache, (a,) = filled([5])
     block = cache.block_tables[0, a, 0, :1].clone()
     cache.block_tables[0, a, 0, 0] = -1
     cache.pool.free(block)
-    cache.pool.free(block)
+    with pytest.raises(RuntimeError, match="double free"):
+        cache.pool.free(block)
+    cache.pool._stack[cache.pool._num_free] = block
+    cache.pool._num_free += 1
     audit = cache.audit()
     assert audit.double_freed == 1 and audit.short_rows == 1 and not audit.ok
 

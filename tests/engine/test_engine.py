@@ -196,10 +196,10 @@ def test_memory_figures_come_from_the_block_tables_and_the_pool(engine):
     assert stats.blocks_used - stats.blocks_held == 1
     cache.pool.free(orphan)
     # A block held by a head past what its length needs.
-    slot = engine._requests[rid].slot
+    slot = engine._requests[rid][0].slot
     extra = cache.pool.allocate(1)
     cache.block_tables[0, slot, 0, 3] = extra[0]
-    kv = engine.kv_stats(engine._requests[rid])
+    kv = engine.kv_stats(engine._requests[rid][0])
     assert kv.blocks == 90 * 3 + 1 and kv.physical_over_theoretical > 1
     assert engine.stats().blocks_used == engine.stats().blocks_held
     assert engine.abort_request(rid)  # frees every block its tables reference, the extra too

@@ -270,15 +270,17 @@ async def _add(
 
 async def _complete(call: _Call, model: str, metrics: ServerMetrics, request: Request) -> Response:
     timing = _Timing(metrics, call.arrival)
-    found: list[Entry] = []  # every token's logprobs, the prompt's first when echoed
+    # Per choice: every token's logprobs, the prompt's first when echoed (choice 0).
+    found: dict[int, list[Entry]] = {}
+    finals: dict[int, RequestOutput] = {}  # each choice's last output
 
     async def consume() -> RequestOutput | None:
         final = None
         async for out in call.stream:
             timing.observe(out)
             if call.logprobs is not None:
-                found.extend(entries(out))
-            final = out
+                found.setdefault(out.index, []).extend(entries(out))
+            finals[out.index] = final = out
         return final
 
     async with call.stream:  # leaving early (disconnect, error) aborts the request
@@ -293,11 +295,22 @@ async def _complete(call: _Call, model: str, metrics: ServerMetrics, request: Re
     if final is None:  # the client left; nobody will read this
         return Response(status_code=499)
     build = r.completion_body if call.kind == "completion" else r.chat_body
-    logprobs = call.logprobs.part(found) if call.logprobs is not None else None
-    text = call.echo + final.text
-    body = build(call.request_id, call.created, model, text, final.finish_reason, logprobs)
-    body["usage"] = r.usage(final.prompt_tokens, len(final.token_ids))
-    body["kv"] = r.kv_dict(final.kv)
+    choices = []
+    for index, out in sorted(finals.items()):
+        logprobs = call.logprobs.part(found.get(index, [])) if call.logprobs else None
+        text = call.echo + out.text
+        choice = build(
+            call.request_id, call.created, model, text, out.finish_reason, logprobs, index
+        )["choices"][0]
+        if len(finals) > 1:
+            choice["kv"] = r.kv_dict(out.kv)  # each choice's own (shared blocks: see KVStats)
+        choices.append(choice)
+    first = finals[min(finals)]
+    body = build(call.request_id, call.created, model, "", None)
+    body["choices"] = choices
+    generated = sum(len(out.token_ids) for out in finals.values())
+    body["usage"] = r.usage(final.prompt_tokens, generated)
+    body["kv"] = r.kv_dict(first.kv)
     return JSONResponse(body)
 
 
@@ -349,23 +362,24 @@ def _sse_event(data: dict[str, Any]) -> str:
 
 async def _sse(call: _Call, model: str, metrics: ServerMetrics) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's format; a disconnect cancels this and aborts."""
-    tracker = r.DeltaTracker(call.stop)
+    trackers: dict[int, r.DeltaTracker] = {}  # per choice
     timing = _Timing(metrics, call.arrival)
     rid, created = call.request_id, call.created
-    chunk: Callable[[str, str | None, dict[str, Any] | None], dict[str, Any]]
+    chunk: Callable[[str, str | None, dict[str, Any] | None, int], dict[str, Any]]
     if call.kind == "completion":
         object_type = "text_completion"
 
-        def chunk(text: str, finish: str | None, lp: dict[str, Any] | None) -> dict[str, Any]:
-            return r.completion_chunk(rid, created, model, text, finish, lp)
+        def chunk(text: str, finish: str | None, lp: dict[str, Any] | None, i: int) -> dict:
+            return r.completion_chunk(rid, created, model, text, finish, lp, i)
     else:
         object_type = "chat.completion.chunk"
 
-        def chunk(text: str, finish: str | None, lp: dict[str, Any] | None) -> dict[str, Any]:
+        def chunk(text: str, finish: str | None, lp: dict[str, Any] | None, i: int) -> dict:
             delta = {"content": text} if text or finish is None else {}
-            return r.chat_chunk(rid, created, model, delta, finish, lp)
+            return r.chat_chunk(rid, created, model, delta, finish, lp, i)
 
-    echo = call.echo  # goes out with the first chunk
+    echoes = dict.fromkeys(range(call.body.n), call.echo)  # each choice's first chunk
+    generated: dict[int, int] = {}
 
     def logprobs_of(out: RequestOutput) -> dict[str, Any] | None:
         """The logprobs of this output's tokens; None when there are none to send."""
@@ -377,27 +391,38 @@ async def _sse(call: _Call, model: str, metrics: ServerMetrics) -> AsyncIterator
     async with call.stream:
         try:
             if call.kind == "chat":
-                yield _sse_event(r.chat_chunk(rid, created, model, {"role": "assistant"}))
+                for i in range(call.body.n):
+                    role = {"role": "assistant"}
+                    yield _sse_event(r.chat_chunk(rid, created, model, role, index=i))
             final: RequestOutput | None = None
+            first_kv = None
             async for out in call.stream:
                 timing.observe(out)
-                delta = tracker.update(out.text, out.finished)
+                i = out.index
+                tracker = trackers.setdefault(i, r.DeltaTracker(call.stop))
+                done = out.finish_reason is not None  # this choice's last output
+                delta = tracker.update(out.text, done)
                 # Each chunk carries the logprobs of its tokens, even while its text is held
                 # back (a partial character, a possible stop string).
                 lp = logprobs_of(out)
+                echo = echoes.pop(i, "")
+                if done:
+                    generated[i] = len(out.token_ids)
+                    last = chunk(echo + delta, out.finish_reason, lp, i)
+                    last["kv"] = r.kv_dict(out.kv)
+                    first_kv = first_kv or last["kv"]
+                    yield _sse_event(last)
+                elif delta or echo or lp is not None:
+                    yield _sse_event(chunk(echo + delta, None, lp, i))
+                else:
+                    echoes[i] = echo
                 if out.finished:
                     final = out
-                    last = chunk(echo + delta, out.finish_reason, lp)
-                    last["kv"] = r.kv_dict(out.kv)
-                    yield _sse_event(last)
                     if call.body.include_usage:
-                        usage = r.usage(out.prompt_tokens, len(out.token_ids))
+                        usage = r.usage(out.prompt_tokens, sum(generated.values()))
                         closing = r.usage_chunk(rid, created, model, object_type, usage)
-                        closing["kv"] = last["kv"]
+                        closing["kv"] = first_kv
                         yield _sse_event(closing)
-                elif delta or echo or lp is not None:
-                    yield _sse_event(chunk(echo + delta, None, lp))
-                    echo = ""
             if final is None:
                 raise RequestFailedError("the request ended without a final output")
         except (RequestFailedError, EngineShutdownError) as err:

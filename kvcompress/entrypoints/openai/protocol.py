@@ -29,6 +29,8 @@ from kvcompress.errors import InvalidParameterError
 # Integers go on into torch (tensors, generators) as 64-bit values; a larger one would fail
 # deep in the engine with an overflow that names no field, so the range is checked here.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# The most choices (n, best_of) one request may ask for.
+MAX_CHOICES = 16
 Int = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
 Float = Annotated[StrictFloat, Field(allow_inf_nan=False)]
 PositiveInt = Annotated[StrictInt, Field(ge=1, le=INT64_MAX)]
@@ -120,10 +122,13 @@ class CommonRequest(CompressionFields):  # type: ignore[misc, valid-type]
         """The engine's ``logprobs`` and ``prompt_logprobs`` for this request."""
         return {}
 
+    def best_of_param(self) -> int | None:
+        return None
+
     def check_supported(self) -> None:
         """Reject OpenAI features this server does not implement, rather than ignore them."""
-        if self.n != 1:
-            raise APIError("only n=1 is supported", param="n")
+        if self.n > MAX_CHOICES:
+            raise APIError(f"n must be at most {MAX_CHOICES}, got {self.n}", param="n")
         if self.presence_penalty or self.frequency_penalty:
             param = "presence_penalty" if self.presence_penalty else "frequency_penalty"
             raise APIError(f"{param} is not supported (use 0)", param=param)
@@ -143,6 +148,8 @@ class CommonRequest(CompressionFields):  # type: ignore[misc, valid-type]
                 stop=tuple(stop),
                 stop_token_ids=tuple(self.stop_token_ids or ()),
                 ignore_eos=self.ignore_eos,
+                n=self.n,
+                best_of=self.best_of_param(),
                 **self.logprob_params(),
             )
         except InvalidParameterError as err:
@@ -201,13 +208,21 @@ class CompletionRequest(CommonRequest):
         super().check_supported()
         if self.suffix:
             raise APIError("suffix is not supported", param="suffix")
-        if self.best_of not in (None, 1):
-            raise APIError("only best_of=1 is supported", param="best_of")
+        if self.best_of is not None:
+            if not self.n <= self.best_of <= MAX_CHOICES:
+                raise APIError(
+                    f"best_of must be in [n, {MAX_CHOICES}], got {self.best_of}", param="best_of"
+                )
+            if self.stream and self.best_of > self.n:
+                raise APIError("best_of > n cannot be streamed", param="best_of")
         if self.max_tokens == 0 and not (self.echo and self.logprobs is not None):
             raise APIError(
                 "max_tokens=0 only scores the prompt: it needs echo=true and logprobs",
                 param="max_tokens",
             )
+
+    def best_of_param(self) -> int | None:
+        return self.best_of
 
     def logprob_params(self) -> dict[str, int | None]:
         # With echo, the prompt's tokens are listed before the completion's: with logprobs.

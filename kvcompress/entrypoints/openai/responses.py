@@ -86,8 +86,9 @@ def completion_body(
     text: str,
     finish_reason: str | None,
     logprobs: dict[str, Any] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
-    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return {
         "id": request_id,
         "object": "text_completion",
@@ -105,6 +106,7 @@ def chat_body(
     text: str,
     finish_reason: str | None,
     logprobs: dict[str, Any] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
     message = {"role": "assistant", "content": text, "refusal": None}
     return {
@@ -114,7 +116,12 @@ def chat_body(
         "model": model,
         "system_fingerprint": None,
         "choices": [
-            {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+            {
+                "index": index,
+                "message": message,
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }
         ],
     }
 
@@ -126,9 +133,10 @@ def completion_chunk(
     text: str,
     finish_reason: str | None = None,
     logprobs: dict[str, Any] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
     # The legacy completions stream reuses the non-streaming object type.
-    return completion_body(request_id, created, model, text, finish_reason, logprobs)
+    return completion_body(request_id, created, model, text, finish_reason, logprobs, index)
 
 
 def chat_chunk(
@@ -138,8 +146,9 @@ def chat_chunk(
     delta: dict[str, Any],
     finish_reason: str | None = None,
     logprobs: dict[str, Any] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
-    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return {
         "id": request_id,
         "object": "chat.completion.chunk",

@@ -235,7 +235,7 @@ BAD_REQUESTS = [
     ("completions", {"prompt": "hi", "compress_once": "no"}, 400, "compress_once", "boolean"),
     ("completions", {"prompt": "hi", "policy": None}, 400, "policy", "cannot be null"),
     ("completions", {"prompt": "hi", "top_p": 0.0}, 400, "top_p", "greater than"),
-    ("completions", {"prompt": "hi", "n": 2}, 400, "n", "n=1"),
+    ("completions", {"prompt": "hi", "n": 17}, 400, "n", "at most 16"),
     # Numbers beyond 64 bits are named, not an overflow deep in torch.
     ("completions", {"prompt": "hi", "seed": 2**64}, 400, "seed", "less than"),
     ("completions", {"prompt": "hi", "seed": -(2**63) - 1}, 400, "seed", "greater than"),
