@@ -119,20 +119,29 @@ class Scheduler:
         while self.waiting and tokens_left > 0:
             seq = self.waiting[0]
             n = min(self.chunk_size, seq.num_uncomputed, tokens_left)
-            # Beside others, the request must leave room for what it may claim next; alone,
-            # its first chunk fitting is enough (the add-time check made sure it can finish).
-            reserve = self._headroom(seq, n) if self.running else 0
             # A first chunk as large as the room left allows: a budget smaller than one
             # chunk still starts (the rest of the prompt follows in smaller chunks).
-            n = min(n, (free - reserve) // self.heads * self.cache.block_size)
+            bs = self.cache.block_size
+            if self.running:
+                # Beside others, the request must also leave room for what it may claim
+                # next (a smaller chunk leaves more of its prompt to claim).
+                n = min(n, (free - self._headroom(seq, n)) // self.heads * bs)
+                fits = n >= 1 and self.blocks_for(n) + self._headroom(seq, n) <= free
+            else:
+                # Alone, its first chunk fitting is enough: the add-time check made sure it
+                # can finish.
+                n = min(n, free // self.heads * bs)
+                fits = n >= 1
             rows = 1 + seq.forks_pending  # sequence rows it will take
             if (
-                n < 1
+                not fits
                 or len(self.running) + forks + rows > self.config.max_num_seqs
                 or self.cache.num_free_seq_slots - forks < rows
             ):
                 break
             need = self.blocks_for(n)
+            # Kept from the requests admitted after it, even when it came alone.
+            reserve = self._headroom(seq, n)
             forks += seq.forks_pending
             self.waiting.popleft()
             seq.slot = self.cache.allocate_seq()

@@ -248,3 +248,29 @@ def test_every_waiting_prompt_that_fits_is_admitted_in_one_prefill():
     seqs = [h.add(f"s{i}", 8) for i in range(8)]  # all eight sequence rows of the cache
     batch = h.step()
     assert is_prefill(batch) and [s.request_id for s in batch.seqs] == [s.request_id for s in seqs]
+
+
+def test_the_headroom_of_a_request_admitted_alone_is_kept_from_the_next():
+    # a: 4 blocks of prompt and 8 of headroom (8 tokens to generate, two rows): 12 of 20.
+    # b needs as much again, which only 8 free blocks cannot give: it waits.
+    h = Harness(blocks=20, decode_headroom=8)
+    a = h.add("a", 4, max_tokens=8)
+    h.add("b", 4, max_tokens=8)
+    assert h.step().seqs == [a]
+    assert len(h.sched.waiting) == 1
+
+
+def test_a_prompt_longer_than_the_pool_is_chunked_and_compressed_as_it_goes():
+    h = Harness(blocks=24, prefill_chunk_size=8)
+    # 60 tokens would take 60 blocks uncompressed; the budget keeps 4 KVs per head.
+    long = h.add("long", 60, max_cache_tokens=4, protected_window=2)
+    counts = []
+    while not long.prefilled:
+        batch = h.step()
+        counts.append(batch.num_tokens)
+        assert h.cache.pool.peak_used <= 24
+    assert [c[0] for c in counts] == [8] * 7 + [4]
+    after = [c for c in h.spy.calls if c.phase == "after"]
+    assert len(after) == len(counts)  # compressed after every chunk, the last one included
+    assert kept(h.cache, long) <= 4 * LAYERS * HEADS
+    assert h.sched.preemptions == 0
