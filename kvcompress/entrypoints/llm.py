@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from kvcompress.compress import CompressionParams, MetricConfig, compression_fields
 from kvcompress.engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
+from kvcompress.errors import InvalidParameterError
 
 Compression = CompressionParams | Mapping[str, Any] | None
 Messages = list[dict[str, str]]
@@ -87,6 +88,13 @@ class LLM:
     def _run(self, prompts, sampling_params, compression, use_tqdm) -> list[RequestOutput]:
         n = len(prompts)
         samplings = _per_request(sampling_params, n, SamplingParams)
+        if any(sp is not None and (sp.n > 1 or (sp.best_of or 1) > 1) for sp in samplings):
+            # One RequestOutput per prompt here; the engine and the server return every choice.
+            raise InvalidParameterError(
+                "LLM returns one output per prompt: n > 1 and best_of > 1 are served by "
+                "LLMEngine (one output per choice, with its index) and by the server",
+                param="n",
+            )
         compressions = _per_request(compression, n, (CompressionParams, Mapping))
         engine = self.engine
         ids = []

@@ -28,3 +28,8 @@ def test_generate_keeps_order_and_applies_defaults_and_overrides():
     assert outs[0].kv.compression_rate > 2  # the engine default rate 4
     assert outs[1].kv.compression_rate == 1.0  # the request's own policy
     assert all(len(o.token_ids) == 3 and o.finished for o in outs)
+    # One output per prompt: several choices are refused, not silently cut to one.
+    with pytest.raises(ValueError, match="n > 1") as err:
+        llm.generate([ids], SamplingParams(n=2, max_tokens=2, temperature=1.0), use_tqdm=False)
+    assert err.value.param == "n"
+    assert not llm.engine.has_unfinished_requests()
