@@ -93,10 +93,6 @@ class AttentionMetadata:
         """Only chunks of sequences that held nothing before: plain causal attention."""
         return self.num_decode == 0 and all(c.history is None for c in self.chunks)
 
-    @property
-    def max_blocks(self) -> int:
-        return self.decode.max_blocks if self.decode is not None else 0
-
 
 def build_metadata(
     cache: PagedKVCache,

@@ -51,14 +51,6 @@ class AppendPlan(NamedTuple):
     seq_max_lens: tuple[int, ...] = ()
     seq_min_lens: tuple[int, ...] = ()
 
-    @property
-    def max_context_len(self) -> int:
-        return max(self.seq_max_lens, default=0)
-
-    @property
-    def min_context_len(self) -> int:
-        return min(self.seq_min_lens, default=0)
-
 
 class HeadView(NamedTuple):
     """Every (layer, head) of some sequences, as rows ``[S, LH]`` with ``LH = layers * kv_heads``.
@@ -215,6 +207,10 @@ class PagedKVCache:
                 raise ValueError(f"sequence slot {slot} is not allocated")
 
     # ----------------------------------------------------------------- appends
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks ``num_tokens`` tokens take in every (layer, head) of an empty sequence."""
+        return self.num_layers * self.num_kv_heads * -(-num_tokens // self.block_size)
+
     def blocks_needed(self, seq_slots: torch.Tensor, num_tokens: torch.Tensor) -> int:
         """Blocks an append of ``num_tokens[i]`` tokens to each ``seq_slots[i]`` would allocate
         (new blocks plus copies of shared partial last blocks)."""

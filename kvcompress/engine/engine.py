@@ -211,7 +211,7 @@ class LLMEngine:
             need, what = full, f"{final} tokens uncompressed"
         elif params.compress_once:
             need = blocks_after_compression(params, prompt_len, heads, bs)
-            need = min(full, need + heads * -(-max_tokens // bs))
+            need = min(full, need + capacity.blocks_for(max_tokens))
             what = "its prompt compressed once plus every generated token"
         else:
             need = min(full, blocks_after_compression(params, final, heads, bs) + heads)

@@ -61,10 +61,6 @@ class Scheduler:
     def heads(self) -> int:
         return self.cache.num_layers * self.cache.num_kv_heads
 
-    def blocks_for(self, num_tokens: int) -> int:
-        """Blocks ``num_tokens`` new tokens take in every head of an empty sequence."""
-        return self.heads * -(-num_tokens // self.cache.block_size)
-
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
@@ -76,8 +72,8 @@ class Scheduler:
         exhausted: list[Sequence] = []
         # Each round schedules something, frees blocks by compressing, or preempts.
         for _ in range(2 * len(self.running) + 2):
-            self._make_room_for_decode(exhausted)
-            batch = self._plan(exhausted)
+            decode_need = self._make_room_for_decode(exhausted)
+            batch = self._plan(decode_need, exhausted)
             if batch.seqs or not self.running:
                 break
             # Every running sequence is prefilling and none has room for a token: compress
@@ -96,10 +92,11 @@ class Scheduler:
             return None
         return batch
 
-    def _plan(self, exhausted: list[Sequence]) -> ScheduledBatch:
+    def _plan(self, decode_need: int, exhausted: list[Sequence]) -> ScheduledBatch:
+        """This step's decodes (needing ``decode_need`` new blocks), chunks and admissions."""
         decodes = [s for s in self.running if s.prefilled]
         tokens_left = self.config.max_num_batched_tokens - len(decodes)
-        free = self.cache.num_free_blocks - self._decode_need(decodes)
+        free = self.cache.num_free_blocks - decode_need
         scheduled: dict[int, int] = {}  # id(sequence) -> its chunk this step
         chunks: list[Sequence] = []
         for seq in self.running:
@@ -126,7 +123,7 @@ class Scheduler:
                 # Beside others, the request must also leave room for what it may claim
                 # next (a smaller chunk leaves more of its prompt to claim).
                 n = min(n, (free - self._headroom(seq, n)) // self.heads * bs)
-                fits = n >= 1 and self.blocks_for(n) + self._headroom(seq, n) <= free
+                fits = n >= 1 and self.cache.blocks_for(n) + self._headroom(seq, n) <= free
             else:
                 # Alone, its first chunk fitting is enough: the add-time check made sure it
                 # can finish.
@@ -139,7 +136,7 @@ class Scheduler:
                 or self.cache.num_free_seq_slots - forks < rows
             ):
                 break
-            need = self.blocks_for(n)
+            need = self.cache.blocks_for(n)
             # Kept from the requests admitted after it, even when it came alone.
             reserve = self._headroom(seq, n)
             forks += seq.forks_pending
@@ -183,8 +180,8 @@ class Scheduler:
         generate = min(
             seq.sampling.max_tokens - len(seq.output_token_ids), self.config.decode_headroom
         )
-        grow = self.blocks_for(left + generate) if left + generate > 0 else 0
-        return grow + forks * self.blocks_for(generate + self.cache.block_size)
+        grow = self.cache.blocks_for(left + generate) if left + generate > 0 else 0
+        return grow + forks * self.cache.blocks_for(generate + self.cache.block_size)
 
     def _decode_need(self, decodes: list[Sequence]) -> int:
         if not decodes:
@@ -192,16 +189,18 @@ class Scheduler:
         slots = torch.tensor([s.slot for s in decodes], dtype=torch.long)
         return self.cache.blocks_needed(slots, torch.ones(len(decodes), dtype=torch.long))
 
-    def _make_room_for_decode(self, exhausted: list[Sequence]) -> None:
-        decodes = [s for s in self.running if s.prefilled]
-        if self._decode_need(decodes) <= self.cache.num_free_blocks:
-            return
-        self.compress([s for s in self.running if s.may_compress])
+    def _make_room_for_decode(self, exhausted: list[Sequence]) -> int:
+        """Compress, then preempt, until the decodes' next blocks fit; returns their need."""
+        compressed = False
         while True:
-            decodes = [s for s in self.running if s.prefilled]
-            if not decodes or self._decode_need(decodes) <= self.cache.num_free_blocks:
-                return
-            self._preempt_or_exhaust(exhausted)
+            need = self._decode_need([s for s in self.running if s.prefilled])
+            if need <= self.cache.num_free_blocks:
+                return need
+            if compressed:
+                self._preempt_or_exhaust(exhausted)
+            else:
+                self.compress([s for s in self.running if s.may_compress])
+                compressed = True
 
     def _preempt_or_exhaust(self, exhausted: list[Sequence]) -> None:
         if len(self.running) == 1:

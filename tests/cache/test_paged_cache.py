@@ -132,5 +132,5 @@ def test_one_token_appends_take_the_slot_after_each_heads_last_kv():
                 block = int(cache.block_tables[layer, seq, head, at // bs])
                 assert int(plan.slots[layer, head, n]) == block * bs + at % bs
     assert plan.positions.tolist() == [5, 3] and plan.token_seq_index.tolist() == [0, 1]
-    assert (plan.max_context_len, plan.min_context_len) == (6, 3)
+    assert (max(plan.seq_max_lens), min(plan.seq_min_lens)) == (6, 3)
     assert torch.equal(cache.context_lens[:, [a, b]], before[:, [a, b]] + 1)

@@ -79,6 +79,20 @@ class DeltaTracker:
         return text[: end - hold]
 
 
+def _envelope(
+    request_id: str, object_type: str, created: int, model: str, choice: dict[str, Any]
+) -> dict[str, Any]:
+    """The fields every completion and chat body or chunk shares, around one choice."""
+    return {
+        "id": request_id,
+        "object": object_type,
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [choice],
+    }
+
+
 def completion_body(
     request_id: str,
     created: int,
@@ -89,14 +103,7 @@ def completion_body(
     index: int = 0,
 ) -> dict[str, Any]:
     choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [choice],
-    }
+    return _envelope(request_id, "text_completion", created, model, choice)
 
 
 def chat_body(
@@ -109,21 +116,13 @@ def chat_body(
     index: int = 0,
 ) -> dict[str, Any]:
     message = {"role": "assistant", "content": text, "refusal": None}
-    return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [
-            {
-                "index": index,
-                "message": message,
-                "logprobs": logprobs,
-                "finish_reason": finish_reason,
-            }
-        ],
+    choice = {
+        "index": index,
+        "message": message,
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
     }
+    return _envelope(request_id, "chat.completion", created, model, choice)
 
 
 def completion_chunk(
@@ -149,14 +148,7 @@ def chat_chunk(
     index: int = 0,
 ) -> dict[str, Any]:
     choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-    return {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [choice],
-    }
+    return _envelope(request_id, "chat.completion.chunk", created, model, choice)
 
 
 def usage_chunk(
