@@ -19,8 +19,9 @@ import torch
 
 from kvcompress.attention import make_backend
 from kvcompress.cache import CacheConfig, PagedKVCache
-from kvcompress.compress import SCORERS, CompressionParams, Compressor, KeptKVs, kept_kvs
-from kvcompress.compress.budget import blocks_after_compression
+from kvcompress.compress import SCORERS, CompressionParams, Compressor
+from kvcompress.engine.admission import check_budget_fits
+from kvcompress.engine.analysis import EngineAnalysis
 from kvcompress.engine.config import EngineConfig
 from kvcompress.engine.logprobs import TokenLogprob, token_logprobs
 from kvcompress.engine.model_runner import ModelRunner
@@ -30,16 +31,14 @@ from kvcompress.engine.outputs import (
     KVStats,
     RequestOutput,
     RequestState,
-    TeacherForceResult,
 )
 from kvcompress.engine.sampling import Sampler, SamplingParams
-from kvcompress.engine.scheduler import ScheduledBatch, Scheduler
+from kvcompress.engine.scheduler import Scheduler
 from kvcompress.engine.sequence import Sequence, SequenceStatus
 from kvcompress.engine.stopping import check_stop
 from kvcompress.errors import (
     ContextLengthError,
     InvalidParameterError,
-    KVBudgetError,
     QueueFullError,
 )
 from kvcompress.models import load_model
@@ -47,7 +46,7 @@ from kvcompress.models import load_model
 logger = logging.getLogger(__name__)
 
 
-class LLMEngine:
+class LLMEngine(EngineAnalysis):
     def __init__(self, config: EngineConfig | None = None, **kwargs: Any) -> None:
         self.config = config = config or EngineConfig(**kwargs)
         self.device = torch.device(config.device)
@@ -175,8 +174,12 @@ class LLMEngine:
                 f"({self.config.max_num_seqs})",
                 param=param,
             )
-        self._check_budget_fits(
-            params, len(token_ids) + len(suffix_ids), sampling.max_tokens, sampling.num_seqs
+        check_budget_fits(
+            self.capacity(),
+            params,
+            len(token_ids) + len(suffix_ids),
+            sampling.max_tokens,
+            sampling.num_seqs,
         )
         max_queue = self.config.max_queue
         if max_queue is not None and len(self.scheduler.waiting) >= max_queue:
@@ -190,43 +193,6 @@ class LLMEngine:
         self._requests[request_id] = [seq]
         self.scheduler.add(seq)
         return request_id
-
-    def _check_budget_fits(
-        self, params: CompressionParams, prompt_len: int, max_tokens: int, seqs: int = 1
-    ) -> None:
-        """Refuse a request that could not finish even alone in the cache.
-
-        What it must hold at its largest: its budget at its final length plus one block per
-        head to grow into (compressed between chunks and steps, so the prompt's length does
-        not matter); without eviction, every KV; with ``compress_once``, the compressed
-        prompt plus everything it generates. With ``seqs`` forks (n > 1), each may come to
-        hold all of its own blocks (compressions copy what they rewrite), but the prompt
-        is shared: the prompt once, and what each sequence adds (at least a block per head).
-        """
-        capacity = self.capacity()
-        heads, bs = capacity.heads, capacity.block_size
-        final = min(prompt_len + max_tokens, self.max_model_len)
-        full = capacity.blocks_for(final)
-        if not params.evicts:
-            need, what = full, f"{final} tokens uncompressed"
-        elif params.compress_once:
-            need = blocks_after_compression(params, prompt_len, heads, bs)
-            need = min(full, need + capacity.blocks_for(max_tokens))
-            what = "its prompt compressed once plus every generated token"
-        else:
-            need = min(full, blocks_after_compression(params, final, heads, bs) + heads)
-            what = f"its budget at {final} tokens plus a block per head"
-        if seqs > 1:
-            shared = min(need, capacity.blocks_for(prompt_len))
-            need += (seqs - 1) * max(need - shared, heads)
-            what += f", and for {seqs - 1} more sequences what they add to the shared prompt"
-        if need > capacity.num_blocks:
-            raise KVBudgetError(
-                f"the request needs {need} KV blocks ({what}, {heads} heads) but the whole KV "
-                f"cache holds {capacity.num_blocks}; raise kv_cache_memory, lower max_tokens "
-                "or compress more (compression_rate or max_cache_tokens)",
-                param="prompt",
-            )
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its blocks; False if it was unknown or already done."""
@@ -506,86 +472,6 @@ class LLMEngine:
     def reset_peak_memory(self) -> None:
         """Start ``stats().blocks_peak`` again from the blocks in use now."""
         self.cache.pool.reset_peak()
-
-    # ------------------------------------------------------------------ analysis
-    @torch.inference_mode()
-    def teacher_force(
-        self,
-        prefix: list[int],
-        continuation: list[int],
-        compression: CompressionParams | Mapping[str, Any] | None = None,
-    ) -> TeacherForceResult:
-        """Logits predicting each continuation token, and the KV statistics at the end.
-
-        The prefix is prefilled and compressed once with the given parameters; then the true
-        continuation is fed one token per decode step, exactly as generation would, so the
-        logits show what a compressed cache does to the next-token distribution. Runs alone:
-        the engine must have no requests in flight.
-        """
-        if self.has_unfinished_requests():
-            raise RuntimeError("teacher_force needs an idle engine")
-        if not prefix or not continuation:
-            raise InvalidParameterError(
-                "prefix and continuation must both be non-empty", param="prompt"
-            )
-        params = self._request_params(compression)
-        seq = Sequence("teacher-force", list(prefix), SamplingParams(), params)
-        total = len(prefix) + len(continuation) - 1
-        if total > self.max_model_len:
-            raise ContextLengthError(
-                f"{total} tokens exceed the model context of {self.max_model_len}", param="prompt"
-            )
-        seq.slot = self.cache.allocate_seq()
-        try:
-            rows = self._prefill_alone(seq)
-            for token in continuation[:-1]:
-                seq.append_token(token)
-                rows.extend(self._run_alone(seq, 1, decode=True))
-            kv = self.kv_stats(seq)
-        finally:
-            self.cache.free_seq(seq.slot)
-        return TeacherForceResult(torch.stack(rows).float(), kv)
-
-    @torch.inference_mode()
-    def inspect_kept(
-        self, prompt: list[int], compression: CompressionParams | Mapping[str, Any] | None = None
-    ) -> KeptKVs:
-        """Which KVs of a prompt each (layer, KV head) keeps once prefilled and compressed
-        (chunk by chunk, as a request would be), with their metric. Runs alone: the engine
-        must have no requests in flight."""
-        if self.has_unfinished_requests():
-            raise RuntimeError("inspect_kept needs an idle engine")
-        if not prompt:
-            raise InvalidParameterError("the prompt is empty", param="prompt")
-        seq = Sequence("inspect", list(prompt), SamplingParams(), self._request_params(compression))
-        seq.slot = self.cache.allocate_seq()
-        try:
-            self._prefill_alone(seq)
-            return kept_kvs(self.cache, seq.slot)
-        finally:
-            self.cache.free_seq(seq.slot)
-
-    def _prefill_alone(self, seq: Sequence) -> list[torch.Tensor]:
-        """Prefill one sequence outside the queues, chunk by chunk with the usual
-        compressions; the logits after its last token."""
-        rows = []
-        while not seq.prefilled:
-            want = min(self.scheduler.chunk_size, seq.num_uncomputed)
-            n, _ = self.scheduler.fit_chunk(seq, want, self.cache.num_free_blocks)
-            rows.extend(self._run_alone(seq, n, decode=False))
-        return rows
-
-    def _run_alone(self, seq: Sequence, n: int, decode: bool) -> list[torch.Tensor]:
-        """One step of one sequence outside the scheduler's queues (teacher forcing): its
-        logits if the step reached its last token, with the usual compression triggers."""
-        if n == 0:
-            raise KVBudgetError("the KV cache cannot hold the next chunk", param="prompt")
-        sample = [0] if n == seq.num_uncomputed else []
-        batch = ScheduledBatch([seq], [n], int(decode), sample, [])
-        logits = self.runner.run(batch.seqs, batch.num_tokens, batch.num_decode, sample).logits
-        seq.num_computed += n
-        self.scheduler.after_step(batch)
-        return [logits[0]] if sample else []
 
     def to_transformers(self) -> torch.nn.Module:
         """transformers' own implementation of this model, holding the same weights (for
