@@ -13,11 +13,14 @@ from kvcompress.compress.metrics import (
 from kvcompress.compress.params import (
     BUDGET_FIELDS,
     POLICIES,
+    PREFILL_FIELDS,
     CompressionParams,
     ParamField,
     Policy,
+    PrefillSignature,
     compression_fields,
     exact_rates,
+    shared_prefill_signature,
 )
 from kvcompress.compress.planner import EvictionPlan
 from kvcompress.compress.scorers import (
@@ -34,6 +37,7 @@ __all__ = [
     "BUDGET_FIELDS",
     "METRICS",
     "POLICIES",
+    "PREFILL_FIELDS",
     "SCORERS",
     "CompressionParams",
     "CompressionStats",
@@ -43,6 +47,7 @@ __all__ = [
     "MetricConfig",
     "ParamField",
     "Policy",
+    "PrefillSignature",
     "ScoreContext",
     "Scorer",
     "ScorerInputs",
@@ -54,5 +59,6 @@ __all__ = [
     "last_query_attention",
     "pool_and_group",
     "queries_seen",
+    "shared_prefill_signature",
     "window_metric",
 ]

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import math
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple
 
@@ -58,6 +58,24 @@ POLICIES: dict[str, Policy] = {
 
 # The two ways to give a budget; they exclude each other, so giving one clears the other.
 BUDGET_FIELDS = ("compression_rate", "max_cache_tokens")
+
+# The request fields that change what a prefill collects for the metric (beyond its power):
+# a field that tunes the observation window or its pooling belongs here, so that requests
+# differing in it never share one prefill (see ``CompressionParams.prefill_signature``).
+PREFILL_FIELDS: tuple[str, ...] = ()
+
+
+class PrefillSignature(NamedTuple):
+    """What a prefill must collect for a request's first compression: the metric's power
+    (1: L1, 2: L2) and the request's metric-collection fields (``PREFILL_FIELDS``, by name).
+    Requests with equal signatures can be compressed from one shared prefill."""
+
+    metric_power: int
+    collection: tuple[tuple[str, Any], ...] = ()
+
+    def __str__(self) -> str:
+        settings = "".join(f", {name}={value!r}" for name, value in self.collection)
+        return f"the L{self.metric_power} metric{settings}"
 
 
 def _doc(help: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -220,6 +238,15 @@ class CompressionParams:
         """Exponent applied to attention probabilities when accumulating the metric."""
         return metric_power(self.effective_metric)
 
+    def prefill_signature(self) -> PrefillSignature | None:
+        """What the prefill must collect for this request's first compression; None when
+        that compression reads nothing the prefill collects (no eviction, or a score by
+        position or at random), so that any prefill serves it."""
+        if not (self.evicts and self.uses_metric):
+            return None
+        collection = tuple((name, getattr(self, name)) for name in PREFILL_FIELDS)
+        return PrefillSignature(self.power, collection)
+
     @property
     def evicts(self) -> bool:
         if self.policy_spec.allocation == "none":
@@ -227,6 +254,26 @@ class CompressionParams:
         if self.max_cache_tokens is not None:
             return True
         return self.compression_rate is not None and self.compression_rate > 1
+
+
+def shared_prefill_signature(
+    params: Iterable[CompressionParams],
+) -> PrefillSignature | None:
+    """The one prefill signature that serves every request of ``params`` (None when none
+    reads the metric); raises ``InvalidParameterError`` when two of them need different
+    prefills."""
+    found: dict[PrefillSignature, str] = {}
+    for p in params:
+        signature = p.prefill_signature()
+        if signature is not None:
+            found.setdefault(signature, p.policy)
+    if len(found) > 1:
+        needs = "; ".join(f"{policy} needs {sig}" for sig, policy in found.items())
+        raise InvalidParameterError(
+            f"these compression parameters cannot share one prefill: {needs}",
+            param="compression",
+        )
+    return next(iter(found), None)
 
 
 def exact_rates(**fields: Any) -> CompressionParams:

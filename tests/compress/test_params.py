@@ -95,3 +95,31 @@ def test_the_schema_lists_every_field_with_its_default_and_help():
     nullable = {s.name for s in specs if s.nullable}
     assert nullable == {"compression_rate", "max_cache_tokens", "compression_interval"}
     assert CompressionParams(compression_rate=2).to_dict()["compression_rate"] == 2
+
+
+def test_prefill_signature_names_what_the_prefill_collects(monkeypatch):
+    from kvcompress.compress import params as params_module
+    from kvcompress.compress import shared_prefill_signature
+    from kvcompress.errors import InvalidParameterError
+
+    def sig(**kwargs):
+        return CompressionParams(compression_rate=4, **kwargs).prefill_signature()
+
+    l2 = sig()
+    assert l2.metric_power == 2 and l2 == sig(policy="uniform") == sig(policy="pyramid")
+    assert sig(policy="h2o").metric_power == 1 == sig(metric="l1-avg").metric_power
+    # Nothing to collect: no eviction, a position or random score, a query-free scorer.
+    for kwargs in (dict(policy="streaming"), dict(policy="random"), dict(scorer="key-norm")):
+        assert sig(**kwargs) is None
+    assert CompressionParams(compression_rate=1).prefill_signature() is None
+    assert CompressionParams(policy="full").prefill_signature() is None
+
+    many = [CompressionParams(policy=p, compression_rate=8) for p in ("streaming", "uniform")]
+    assert shared_prefill_signature(many) == l2
+    assert shared_prefill_signature(many[:1]) is None
+    with pytest.raises(InvalidParameterError, match=r"uniform needs the L2 .* h2o needs the L1"):
+        shared_prefill_signature([*many, CompressionParams(policy="h2o", compression_rate=8)])
+    # A request field that tunes collection joins the signature by its name alone.
+    monkeypatch.setattr(params_module, "PREFILL_FIELDS", ("protected_window",))
+    assert sig(protected_window=8) != sig(protected_window=16)
+    assert "protected_window=8" in str(sig(protected_window=8))
