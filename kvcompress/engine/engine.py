@@ -1,7 +1,8 @@
 """The engine: requests in, one batched model step at a time, outputs out.
 
 Its public API is what every floor above uses (the offline ``LLM``, the async engine and
-server, the CLI, benchmarks and evaluation): ``add_request`` / ``abort_request``, ``step`` or
+server, the CLI, benchmarks and evaluation): ``add_request`` / ``add_branched_request`` /
+``abort_request``, ``step`` or
 ``run`` (the one drive loop), ``teacher_force``, ``capacity``, ``stats``,
 ``requests_in_flight``, ``tokenize`` / ``apply_chat_template`` and ``to_transformers``.
 Errors are the typed ones of :mod:`kvcompress.errors`.
@@ -19,8 +20,13 @@ import torch
 
 from kvcompress.attention import make_backend
 from kvcompress.cache import CacheConfig, PagedKVCache
-from kvcompress.compress import SCORERS, CompressionParams, Compressor
-from kvcompress.engine.admission import check_budget_fits
+from kvcompress.compress import (
+    SCORERS,
+    CompressionParams,
+    Compressor,
+    shared_prefill_signature,
+)
+from kvcompress.engine.admission import check_branches_fit, check_budget_fits
 from kvcompress.engine.analysis import EngineAnalysis
 from kvcompress.engine.config import EngineConfig
 from kvcompress.engine.logprobs import TokenLogprob, token_logprobs
@@ -34,7 +40,7 @@ from kvcompress.engine.outputs import (
 )
 from kvcompress.engine.sampling import Sampler, SamplingParams
 from kvcompress.engine.scheduler import Scheduler
-from kvcompress.engine.sequence import Sequence, SequenceStatus
+from kvcompress.engine.sequence import Branch, Sequence, SequenceStatus, prefill_params
 from kvcompress.engine.stopping import check_stop
 from kvcompress.errors import (
     ContextLengthError,
@@ -143,6 +149,106 @@ class LLMEngine(EngineAnalysis):
         """
         sampling = sampling or SamplingParams()
         params = self._request_params(compression)
+        token_ids, suffix_ids = self._prompt_ids(prompt, suffix, sampling)
+        if sampling.num_seqs > self.config.max_num_seqs:
+            param = "best_of" if sampling.ranks else "n"
+            raise InvalidParameterError(
+                f"{param}={sampling.num_seqs} exceeds the engine's max_num_seqs "
+                f"({self.config.max_num_seqs})",
+                param=param,
+            )
+        check_budget_fits(
+            self.capacity(),
+            params,
+            len(token_ids) + len(suffix_ids),
+            sampling.max_tokens,
+            sampling.num_seqs,
+        )
+        self._check_queue()
+        (request_id,) = self._new_ids([request_id])
+        seq = Sequence(request_id, token_ids, sampling, params, pending_suffix=suffix_ids)
+        self._requests[request_id] = [seq]
+        self.scheduler.add(seq)
+        return request_id
+
+    def add_branched_request(
+        self,
+        prompt: str | list[int],
+        sampling: SamplingParams | None,
+        branches: list[CompressionParams | Mapping[str, Any] | None],
+        request_ids: list[str | None] | None = None,
+        suffix: str | list[int] | None = None,
+    ) -> list[str]:
+        """Queue one request per branch, all of one prompt prefilled once; returns their
+        ids, in the order of ``branches``.
+
+        The prompt is prefilled whole, in one chunk (whatever ``prefill_chunk_size``) and
+        uncompressed, collecting the metric the branches compress by; it then forks
+        before any compression into one sequence per branch, sharing its blocks, and each
+        is compressed by its own parameters exactly as an ordinary request whose prefill
+        chunk covered the whole prompt is (the same compression call). From there each is
+        an ordinary request: its own sampling (every branch samples its first token from
+        the prompt's logits), suffix, preemption and :meth:`abort_request`.
+
+        Branches share a prefill only when it collects what each needs
+        (``CompressionParams.prefill_signature``: the metric's power and collection
+        settings; branches that do not score by the metric fit any): others are refused
+        with an ``InvalidParameterError``. ``n``/``best_of`` and ``prompt_logprobs`` are
+        refused (add such requests alone), as is a prompt whose uncompressed prefill plus
+        the branches' copies could never fit the cache (``KVBudgetError``).
+        """
+        sampling = sampling or SamplingParams()
+        if not branches:
+            raise InvalidParameterError("give at least one branch", param="branches")
+        params = [self._request_params(b) for b in branches]
+        shared_prefill_signature(params)
+        if sampling.num_seqs > 1:
+            raise InvalidParameterError(
+                "n and best_of cannot be combined with branches (each branch is one sequence)",
+                param="best_of" if sampling.ranks else "n",
+            )
+        if sampling.prompt_logprobs is not None:
+            raise InvalidParameterError(
+                "prompt_logprobs cannot be combined with branches", param="prompt_logprobs"
+            )
+        if len(params) + 1 > self.config.max_num_seqs:
+            raise InvalidParameterError(
+                f"{len(params)} branches and their prefill exceed the engine's max_num_seqs "
+                f"({self.config.max_num_seqs})",
+                param="branches",
+            )
+        token_ids, suffix_ids = self._prompt_ids(prompt, suffix, sampling)
+        check_branches_fit(
+            self.capacity(), params, len(token_ids) + len(suffix_ids), sampling.max_tokens
+        )
+        self._check_queue()
+        if request_ids is not None and len(request_ids) != len(params):
+            raise InvalidParameterError(
+                f"{len(request_ids)} request ids for {len(params)} branches", param="request_id"
+            )
+        ids = self._new_ids(request_ids or [None] * len(params))
+        branch_list = [Branch(i, p) for i, p in zip(ids, params, strict=True)]
+        parent = Sequence(
+            f"{ids[0]}:prefill",
+            token_ids,
+            sampling,
+            prefill_params(branch_list),
+            pending_suffix=suffix_ids,
+            branches=branch_list,
+        )
+        for request_id in ids:
+            self._requests[request_id] = [parent]
+        self.scheduler.add(parent)
+        return ids
+
+    def _prompt_ids(
+        self,
+        prompt: str | list[int],
+        suffix: str | list[int] | None,
+        sampling: SamplingParams,
+    ) -> tuple[list[int], list[int]]:
+        """A request's prompt and suffix as token ids, checked against the vocabulary and
+        the model's context."""
         token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not token_ids:
             raise InvalidParameterError("the prompt is empty", param="prompt")
@@ -167,36 +273,33 @@ class LLMEngine(EngineAnalysis):
                 f"{self.max_model_len} tokens, including at least one generated token",
                 param="prompt",
             )
-        if sampling.num_seqs > self.config.max_num_seqs:
-            param = "best_of" if sampling.ranks else "n"
-            raise InvalidParameterError(
-                f"{param}={sampling.num_seqs} exceeds the engine's max_num_seqs "
-                f"({self.config.max_num_seqs})",
-                param=param,
-            )
-        check_budget_fits(
-            self.capacity(),
-            params,
-            len(token_ids) + len(suffix_ids),
-            sampling.max_tokens,
-            sampling.num_seqs,
-        )
+        return token_ids, suffix_ids
+
+    def _check_queue(self) -> None:
         max_queue = self.config.max_queue
         if max_queue is not None and len(self.scheduler.waiting) >= max_queue:
             raise QueueFullError(f"the queue is full ({max_queue} requests waiting)")
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self._requests:
-            raise InvalidParameterError(
-                f"request id {request_id!r} is already in use", param="request_id"
-            )
-        seq = Sequence(request_id, token_ids, sampling, params, pending_suffix=suffix_ids)
-        self._requests[request_id] = [seq]
-        self.scheduler.add(seq)
-        return request_id
+
+    def _new_ids(self, request_ids: list[str | None]) -> list[str]:
+        """The given ids (None: a fresh one), refused if in use or repeated."""
+        ids = [i if i is not None else f"req-{next(self._ids)}" for i in request_ids]
+        for k, request_id in enumerate(ids):
+            if request_id in self._requests or request_id in ids[:k]:
+                raise InvalidParameterError(
+                    f"request id {request_id!r} is already in use", param="request_id"
+                )
+        return ids
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its blocks; False if it was unknown or already done."""
         seqs = self._requests.pop(request_id, None)
+        if seqs and seqs[0].branches and not seqs[0].finished:
+            # A branch of a prompt not prefilled yet: the prefill goes on for the others.
+            parent = seqs[0]
+            parent.drop_branch(request_id)
+            if not parent.branches:
+                self.scheduler.finish(parent)
+            return True
         live = [s for s in seqs or [] if not s.finished]
         for seq in live:
             seq.finish_reason = "abort"
@@ -211,8 +314,10 @@ class LLMEngine(EngineAnalysis):
         running = [(s, "running") for s in self.scheduler.running]
         waiting = [(s, "waiting") for s in self.scheduler.waiting]
         return [
-            RequestState(s.request_id, status, len(s.prompt_token_ids), len(s.output_token_ids))
+            RequestState(rid, status, len(s.prompt_token_ids), len(s.output_token_ids))
             for s, status in running + waiting
+            # A branched prompt still to prefill stands for each of its requests.
+            for rid in [b.request_id for b in s.branches] or [s.request_id]
         ]
 
     def run(self) -> Iterator[RequestOutput]:
@@ -248,7 +353,7 @@ class LLMEngine(EngineAnalysis):
             out = self.runner.run(
                 batch.seqs, batch.num_tokens, batch.num_decode, batch.sample, score
             )
-            logits, forks = self._fork_at_first_sample(out.logits, sampled)
+            logits, sampled, forks = self._fork_at_first_sample(out.logits, sampled)
             tokens, logprobs = self._sample(logits, sampled)
         except Exception:
             # The batch's requests end with reason "error" and their blocks return to the
@@ -256,7 +361,10 @@ class LLMEngine(EngineAnalysis):
             logger.exception("engine step failed; ending its %d requests", len(batch.seqs))
             for seq in batch.seqs:
                 self._finish(seq, "error")
-                outputs.append(self._output(seq, []))
+                out = self._output(seq, [])
+                # A branched prompt's prefill ends each of its requests.
+                ids = [b.request_id for b in seq.branches] or [seq.request_id]
+                outputs.extend(out._replace(request_id=rid) for rid in ids)
             return self._mark_finished(outputs)
         elapsed = time.perf_counter() - start
         prefill_tokens = batch.prefill_tokens
@@ -297,10 +405,18 @@ class LLMEngine(EngineAnalysis):
             self.generation_tokens += 1
             check_stop(seq, token, self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.scheduler.after_step(batch)
-        # Forks share the parent's blocks as compressed after its prefill.
         for parent, children in forks:
-            self.scheduler.fork(parent, children)
+            if parent.branches:
+                # Branches share the uncompressed prompt, then each compresses its own way.
+                for child in children:
+                    self._requests[child.request_id] = [child]
+                self.scheduler.branch(parent, children)
+            else:
+                # Forks share the parent's blocks as compressed after its prefill.
+                self.scheduler.fork(parent, children)
         for seq in batch.seqs + [c for _, children in forks for c in children]:
+            if seq.branches:  # a branched prefill reports through its branches
+                continue
             if seq.finished and seq.slot is not None:
                 seq.kv_stats = self.kv_stats(seq)
                 self.scheduler.finish(seq)
@@ -312,24 +428,35 @@ class LLMEngine(EngineAnalysis):
 
     def _fork_at_first_sample(
         self, logits: torch.Tensor, sampled: list[Sequence]
-    ) -> tuple[torch.Tensor, list[tuple[Sequence, list[Sequence]]]]:
-        """Sequences of n > 1 / best_of requests that sample for the first time (their
+    ) -> tuple[torch.Tensor, list[Sequence], list[tuple[Sequence, list[Sequence]]]]:
+        """The sequences that sample this step, their logits rows, and the forks.
+
+        Sequences of n > 1 / best_of requests that sample for the first time (their
         prefill, and suffix, are done) fork: each child samples its own first token from
-        the parent's logits (appended to ``sampled``; the logits rows repeated), and joins
-        the scheduler once the step's compression is done (``Scheduler.fork``)."""
+        the parent's logits (its row repeated). A branched prompt's prefill samples
+        nothing itself: each branch takes its first token (or its suffix's first) from
+        the prompt's logits in its place. Children join the scheduler once the step's
+        compression is done (``Scheduler.fork`` / ``Scheduler.branch``).
+        """
         forks = []
-        rows = list(range(len(sampled)))
-        for j, seq in enumerate(list(sampled)):
-            if not seq.forks_pending or seq.pending_suffix or seq.sampling.max_tokens == 0:
-                continue
-            children = [seq.child(i) for i in range(1, seq.forks_pending + 1)]
-            self._requests[seq.request_id].extend(children)
-            sampled.extend(children)
+        rows: list[int] = []
+        seqs: list[Sequence] = []
+        for j, seq in enumerate(sampled):
+            if seq.branches:
+                children = [seq.branch_child(b) for b in seq.branches]
+            else:
+                rows.append(j)
+                seqs.append(seq)
+                if not seq.forks_pending or seq.pending_suffix or seq.sampling.max_tokens == 0:
+                    continue
+                children = [seq.child(i) for i in range(1, seq.forks_pending + 1)]
+                self._requests[seq.request_id].extend(children)
+            seqs.extend(children)
             rows.extend([j] * len(children))
             forks.append((seq, children))
         if forks:
             logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
-        return logits, forks
+        return logits, seqs, forks
 
     def _mark_finished(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """``finished`` on the last output of each request whose sequences are all done

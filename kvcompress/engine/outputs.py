@@ -7,6 +7,8 @@ from typing import NamedTuple
 import torch
 
 from kvcompress.cache import PagedKVCache
+from kvcompress.compress import CompressionParams
+from kvcompress.compress.budget import blocks_after_compression
 from kvcompress.engine.logprobs import TokenLogprob
 
 
@@ -144,6 +146,11 @@ class Capacity(NamedTuple):
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks ``num_tokens`` tokens hold uncompressed (every head of every layer)."""
         return self.heads * -(-num_tokens // self.block_size)
+
+    def blocks_compressed(self, params: CompressionParams, num_tokens: int) -> int:
+        """Blocks a sequence of ``num_tokens`` tokens holds once compressed by ``params``
+        (all of them when the parameters evict nothing)."""
+        return blocks_after_compression(params, num_tokens, self.heads, self.block_size)
 
 
 class TeacherForceResult(NamedTuple):

@@ -23,6 +23,7 @@ import torch
 
 from kvcompress.cache import PagedKVCache
 from kvcompress.compress import Compressor
+from kvcompress.compress.budget import blocks_after_compression
 from kvcompress.engine.config import EngineConfig
 from kvcompress.engine.sequence import Sequence, SequenceStatus
 
@@ -116,19 +117,30 @@ class Scheduler:
         while self.waiting and tokens_left > 0:
             seq = self.waiting[0]
             n = min(self.chunk_size, seq.num_uncomputed, tokens_left)
+            whole = bool(seq.branches)
+            if whole:
+                # A branched prompt is prefilled whole, in one chunk, whatever the chunk
+                # size: each branch is then compressed from the whole prompt's window, as
+                # a one-shot prefill would be. Longer than the step's token budget, it
+                # takes a step of its own.
+                n = seq.num_uncomputed
+                if n > tokens_left and (decodes or chunks):
+                    break
             # A first chunk as large as the room left allows: a budget smaller than one
             # chunk still starts (the rest of the prompt follows in smaller chunks).
             bs = self.cache.block_size
             if self.running:
                 # Beside others, the request must also leave room for what it may claim
                 # next (a smaller chunk leaves more of its prompt to claim).
-                n = min(n, (free - self._headroom(seq, n)) // self.heads * bs)
+                if not whole:
+                    n = min(n, (free - self._headroom(seq, n)) // self.heads * bs)
                 fits = n >= 1 and self.cache.blocks_for(n) + self._headroom(seq, n) <= free
             else:
                 # Alone, its first chunk fitting is enough: the add-time check made sure it
                 # can finish.
-                n = min(n, free // self.heads * bs)
-                fits = n >= 1
+                if not whole:
+                    n = min(n, free // self.heads * bs)
+                fits = n >= 1 and self.cache.blocks_for(n) <= free
             rows = 1 + seq.forks_pending  # sequence rows it will take
             if (
                 not fits
@@ -174,14 +186,26 @@ class Scheduler:
         reserves the growth of each of its forks too (they share its prompt).
         """
         forks = seq.forks_pending
-        if seq.compression.evicts:
-            return self.heads * (1 + forks)
-        left = seq.num_uncomputed - scheduled
         generate = min(
             seq.sampling.max_tokens - len(seq.output_token_ids), self.config.decode_headroom
         )
+        fork_growth = self.cache.blocks_for(generate + self.cache.block_size)
+        if seq.branches:
+            # Prefilled whole in the step that admits it; then each evicting branch copies
+            # the shared blocks it compacts into (at most what it keeps) and reserves a
+            # block per head, and each other branch grows as a fork does.
+            prompt, bs = seq.num_tokens, self.cache.block_size
+            return sum(
+                blocks_after_compression(b.compression, prompt, self.heads, bs) + self.heads
+                if b.compression.evicts
+                else fork_growth
+                for b in seq.branches
+            )
+        if seq.compression.evicts:
+            return self.heads * (1 + forks)
+        left = seq.num_uncomputed - scheduled
         grow = self.cache.blocks_for(left + generate) if left + generate > 0 else 0
-        return grow + forks * self.cache.blocks_for(generate + self.cache.block_size)
+        return grow + forks * fork_growth
 
     def _decode_need(self, decodes: list[Sequence]) -> int:
         if not decodes:
@@ -271,6 +295,16 @@ class Scheduler:
                 child.status = SequenceStatus.RUNNING
                 self.running.append(child)
         parent.forks_pending = 0
+
+    def branch(self, parent: Sequence, children: list[Sequence]) -> None:
+        """Start the branches of a branched prompt whose prefill completed this step: each
+        shares its uncompressed blocks, the prefill leaves, and each branch is compressed
+        by its own parameters, as an ordinary request is right after its prefill (one that
+        stopped at its first token is not, as such a request is not). From then on they
+        are ordinary sequences."""
+        self.fork(parent, children)
+        self.finish(parent)
+        self.compress([c for c in children if not c.finished])
 
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:

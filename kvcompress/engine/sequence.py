@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -19,6 +20,23 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+class Branch(NamedTuple):
+    """One request of a branched prompt (``LLMEngine.add_branched_request``)."""
+
+    request_id: str
+    compression: CompressionParams
+
+
+def prefill_params(branches: list[Branch]) -> CompressionParams:
+    """The parameters a branched prompt's prefill runs with: those of a branch that reads
+    the metric (all such branches need the same prefill, see
+    ``shared_prefill_signature``), else the first branch's (the prefill collects nothing)."""
+    return next(
+        (b.compression for b in branches if b.compression.prefill_signature() is not None),
+        branches[0].compression,
+    )
 
 
 @dataclass
@@ -59,6 +77,11 @@ class Sequence:
     forks_pending: int = 0
     # Sum of the logprobs of the sampled tokens (kept only for best_of > n, to rank them).
     cumulative_logprob: float = 0.0
+    # A branched prompt's prefill: the requests it forks into once its prefill is done,
+    # before any compression (each then compressed by its own parameters). It samples
+    # nothing itself, is never compressed and leaves the engine at the fork. Empty for
+    # every other sequence.
+    branches: list[Branch] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.sampling.seed is not None:
@@ -66,7 +89,7 @@ class Sequence:
             seed = (self.sampling.seed + self.index) % 2**64
             self.generator = torch.Generator().manual_seed(seed)
         if self.index == 0:
-            self.forks_pending = self.sampling.num_seqs - 1
+            self.forks_pending = len(self.branches) or self.sampling.num_seqs - 1
 
     def child(self, index: int) -> Sequence:
         """Sequence ``index`` of this request, forked from this one at its first sample:
@@ -82,6 +105,26 @@ class Sequence:
             prompt_logprobs_sent=True,  # the prompt's logprobs go out once, with sequence 0
             index=index,
         )
+
+    def branch_child(self, branch: Branch) -> Sequence:
+        """The sequence of one branch, forked from this branched prefill: an ordinary
+        request of the same prompt (and suffix still to feed) with the branch's id and
+        compression, and no cache slot yet (``Scheduler.branch`` gives it one)."""
+        return Sequence(
+            branch.request_id,
+            list(self.prompt_token_ids),
+            self.sampling,
+            branch.compression,
+            arrival=self.arrival,
+            pending_suffix=list(self.pending_suffix),
+        )
+
+    def drop_branch(self, request_id: str) -> None:
+        """Forget an aborted branch of a prefill that has not run yet."""
+        self.branches = [b for b in self.branches if b.request_id != request_id]
+        self.forks_pending = len(self.branches)
+        if self.branches:
+            self.compression = prefill_params(self.branches)
 
     @property
     def token_ids(self) -> list[int]:
@@ -141,6 +184,8 @@ class Sequence:
         A prompt is compressed between its chunks whatever ``compress_once`` says: once
         means once after the prefill, and the prefill itself must stay within the budget.
         """
+        if self.branches:  # forks before any compression: its branches compress
+            return False
         p = self.compression
         return p.evicts and not (p.compress_once and self.compressions > 0 and self.prefilled)
 
@@ -151,6 +196,9 @@ class Sequence:
         Only when a later compression will score by it: not for policies that rank by
         position or at random, not for ones that never evict, and not after a
         ``compress_once`` sequence has compressed. The others leave the metric alone and
-        let their batch take the fused decode path.
+        let their batch take the fused decode path. A branched prefill collects what its
+        branches will compress by.
         """
+        if self.branches:
+            return self.compression.prefill_signature() is not None
         return self.compression.uses_metric and self.may_compress
