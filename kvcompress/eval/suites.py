@@ -1,7 +1,8 @@
 """The generation suites: RULER tasks and LongBench subsets at every point of a sweep.
 
-Each suite builds one job per (sample, grid run), runs them all through `run_jobs`, and
-scores the answers per (task, length, policy, rate); see `sweep` for the runs a grid
+Each suite builds one job per (sample, grid run), runs them all through `run_jobs` (which
+prefills each prompt once for the runs that can share it, unless the sweep says not to),
+and scores the answers per (task, length, policy, rate); see `sweep` for the runs a grid
 needs. The natural-text suite, which teacher-forces instead of generating, is `fidelity`.
 """
 
@@ -89,7 +90,9 @@ class _Outcome(NamedTuple):
 Outcomes = dict[tuple[str, int, Setting], list[_Outcome]]
 
 
-def _execute(engine: LLMEngine, jobs: list[Job], desc: str, progress: bool) -> Outcomes:
+def _execute(
+    engine: LLMEngine, jobs: list[Job], sweep: SweepConfig, desc: str, progress: bool
+) -> Outcomes:
     """Run jobs keyed (task, length, setting, index); outcomes sorted by sample index."""
     outcomes: Outcomes = defaultdict(list)
 
@@ -102,7 +105,7 @@ def _execute(engine: LLMEngine, jobs: list[Job], desc: str, progress: bool) -> O
 
     bar = make_progress(len(jobs), desc, progress)
     try:
-        run_jobs(engine, jobs, done, bar)
+        run_jobs(engine, jobs, done, bar, sweep.shared_prefill)
     finally:
         bar.close()
     for results in outcomes.values():
@@ -192,7 +195,7 @@ def run_ruler(
             key = (sample.task, length, setting, index)
             params = sweep.params(setting)
             jobs.append(Job(key, ids, sample.max_new_tokens, params, sweep.compress_context_only))
-    outcomes = _execute(engine, jobs, "ruler", progress)
+    outcomes = _execute(engine, jobs, sweep, "ruler", progress)
 
     def score(task: str, length: int, done: list[_Outcome]) -> float:
         total = sum(by_key[task, length, o.index].score(o.prediction) for o in done)
@@ -229,7 +232,7 @@ def run_longbench(
                     budget = SUBSETS[subset].max_new_tokens
                     params = sweep.params(setting)
                     jobs.append(Job(key, ids, budget, params, sweep.compress_context_only))
-    outcomes = _execute(engine, jobs, "longbench", progress)
+    outcomes = _execute(engine, jobs, sweep, "longbench", progress)
 
     def score(subset: str, length: int, done: list[_Outcome]) -> float:
         examples = data[subset]

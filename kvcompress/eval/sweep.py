@@ -64,7 +64,8 @@ class SweepConfig:
 
     `compress_context_only` passes a prompt's question as the request's suffix, so that the
     context is compressed before the question is seen; `chat` wraps prompts in the model's
-    chat template.
+    chat template; `shared_prefill` prefills each prompt once for the pairs that can share
+    it (see `kvcompress.eval.jobs`).
     """
 
     policies: tuple[str, ...] = DEFAULT_POLICIES
@@ -72,6 +73,10 @@ class SweepConfig:
     compression: CompressionParams = field(default_factory=exact_rates)
     compress_context_only: bool = False
     chat: bool = False
+    # One prefill per prompt for every (policy, rate) whose prefill collects the same
+    # metric, each compressed once after the whole prompt (see `jobs`); False: one
+    # request per pair, prefilled in chunks as a served request is.
+    shared_prefill: bool = True
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.policies if p not in POLICIES]
@@ -122,4 +127,5 @@ class SweepConfig:
             "compression": base,
             "compress_context_only": self.compress_context_only,
             "chat": self.chat,
+            "shared_prefill": self.shared_prefill,
         }

@@ -63,3 +63,20 @@ def test_ruler_sweep_rows_and_document():
     document = json.loads(json.dumps(result.document()))
     assert document["suite"] == "ruler" and len(document["rows"]) == 6
     assert document["config"]["chat"] is True
+
+
+@pytest.mark.slow
+def test_shared_prefill_scores_what_one_request_per_pair_scores():
+    """Prompts that fit one prefill chunk: sharing the prefill changes nothing but cost."""
+    engine = shared_engine()
+    spec = RulerSpec(tasks=("niah_single",), lengths=(256,), num_samples=1)
+    results = {}
+    for shared in (True, False):
+        sweep = SweepConfig(
+            policies=("kvcompress", "streaming", "h2o"), rates=(8,), shared_prefill=shared
+        )
+        results[shared] = run_ruler(engine, spec, sweep, progress=False)
+        assert results[shared].document()["config"]["shared_prefill"] is shared
+    assert results[True].samples == results[False].samples
+    assert results[True].rows == results[False].rows
+    assert results[True].kept == results[False].kept

@@ -67,4 +67,5 @@ def test_json_config_follows_the_compression_schema():
     assert list(config["compression"]) == names
     assert config["compression"] == {name: getattr(base, name) for name in names}
     assert (config["policies"], config["rates"]) == (["full", "h2o"], [1, 8])
+    assert config["shared_prefill"] is True  # which prefill mode ran
     assert set(SWEPT_FIELDS) <= {spec.name for spec in compression_fields()}

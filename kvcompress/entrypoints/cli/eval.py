@@ -8,10 +8,17 @@ Suites:
 - ``longbench``: the user's LongBench JSONL files (``--data-dir``), each subset scored
   with its own metric, 0-100.
 
-Cost. Each (policy, rate > 1) pair prefills every prompt again (the engine has no
-prefix sharing), plus one uncompressed run that serves as ``full`` at every rate and as
-every policy's rate-1 row. The cost grows linearly with the lengths, samples or windows
-and with the number of such pairs; add them for tighter numbers.
+Cost. Every prompt runs once uncompressed (``full`` at every rate, and every policy's
+rate-1 row) and once per (policy, rate > 1) pair. By default (``--shared-prefill``) the
+pairs share their prompt's prefill: it is prefilled once, whole, for all the pairs whose
+prefill collects the same metric (one prefill for kvcompress, uniform, pyramid, streaming
+and random, another for h2o's L1 metric), and forks into one request per pair, each then
+compressed by its own policy and rate. Each pair is thus compressed once after the whole
+prompt's prefill (one-shot, the paper's setting) whatever ``--prefill-chunk-size`` says.
+``--no-shared-prefill`` prefills the prompt again for every pair, in chunks compressed as
+they come, as a served request is; the JSON records which mode ran (``shared_prefill``).
+The cost grows linearly with the lengths, samples or windows and with the number of
+pairs; add them for tighter numbers.
 
 Chat template. RULER prompts are fed raw by default; ``--chat`` wraps context + query as
 the user message and puts the question's answer prefix ("The pass key is") after the
@@ -153,6 +160,14 @@ def add_eval_parser(commands) -> argparse.ArgumentParser:
         help="compress the context before the question is fed (default: question included)",
     )
     sweep.add_argument(
+        "--shared-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="prefill each prompt once for every (policy, rate) pair that can share it, "
+        "each pair compressed once after the whole prompt whatever --prefill-chunk-size "
+        "(default: on; --no-shared-prefill: one chunked prefill per pair; see above)",
+    )
+    sweep.add_argument(
         "--chat",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -226,6 +241,7 @@ def _sweep(args: argparse.Namespace) -> SweepConfig:
         compression=exact_rates().with_overrides(compression_from_args(args)),
         compress_context_only=args.compress_context_only,
         chat=chat,
+        shared_prefill=args.shared_prefill,
     )
 
 
@@ -322,7 +338,8 @@ def _summary(result: EvalResult) -> str:
             if c["compress_context_only"]
             else "question in the compressed prompt"
         )
-        what += f"; {mode}, chat template {'on' if c['chat'] else 'off'}"
+        prefill = "one shared prefill per prompt" if c["shared_prefill"] else "a prefill per pair"
+        what += f"; {mode}, chat template {'on' if c['chat'] else 'off'}, {prefill}"
     return (
         f"kvcompress eval --suite {result.suite}: {what}; protected window "
         f"{c['compression']['protected_window']}; {result.seconds:.0f} s"

@@ -52,6 +52,11 @@ def test_all_expands_to_every_name():
     assert args.rates == (1, 2.5, 8)
 
 
+def test_shared_prefill_is_on_unless_turned_off():
+    assert parse().shared_prefill is True
+    assert parse("--no-shared-prefill").shared_prefill is False
+
+
 def test_compression_options_are_the_schema_fields_the_grid_does_not_set():
     args = parse("--protected-window", "16", "--sinks", "4", "--metric", "l1-sum")
     assert (args.protected_window, args.sinks, args.metric) == (16, 4, "l1-sum")
@@ -150,7 +155,7 @@ def test_ruler_table_with_context_compressed_first(engine, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "context compressed before the question" in lines[0]
     assert "protected window 16" in lines[0]
-    assert "chat template on" in lines[0]
+    assert "chat template on, one shared prefill per prompt" in lines[0]
     assert lines[1].split() == [
         "suite", "task", "length", "policy", "rate", "achieved_rate", "score", "num_samples"
     ]  # fmt: skip
