@@ -3,9 +3,11 @@ request forks into sequences that share its (compressed) blocks."""
 
 from __future__ import annotations
 
+import pytest
+
 from kvcompress.compress import CompressionParams
 from kvcompress.engine import SamplingParams
-from tests.engine.conftest import prose_ids
+from tests.engine.conftest import make_engine, prose_ids
 
 HEADS = 90  # 30 layers x 3 KV heads
 RATE4 = CompressionParams(compression_rate=4.0, protected_window=8, min_cache_tokens=0)
@@ -91,3 +93,36 @@ def test_best_of_returns_the_n_most_likely(engine):
     assert [o.index for o in outs] == [0, 1] and outs[-1].finished
     assert outs[0].cumulative_logprob >= outs[1].cumulative_logprob
     assert engine.stats().blocks_used == 0
+
+
+@pytest.fixture(scope="module")
+def tight(engine):
+    """600 blocks: an n=3 request of 40 + 24 tokens passes the add-time check (540 blocks:
+    the shared prompt once and what each choice adds), but its three uncompressed choices
+    come to hold 720 (2 shared prompt blocks per head, 2 of their own each)."""
+    return make_engine(kv_cache_memory=600 * engine.capacity().bytes_per_block, max_num_seqs=4)
+
+
+def test_a_forked_child_preempted_mid_decode_is_recomputed_to_the_same_text(engine, tight):
+    assert tight.capacity().num_blocks == 600
+    prompt = prose_ids(engine, 40)
+    sampling = SamplingParams(max_tokens=24, n=3, ignore_eos=True)
+    reference = collect(engine, engine.add_request(prompt, sampling, FULL))
+    rid = tight.add_request(prompt, sampling, FULL)
+    before = tight.stats().preemptions
+    finals, preempted_mid_decode = {}, False
+    while tight.has_unfinished_requests():
+        for out in tight.step():
+            if out.finish_reason is not None:
+                finals[out.index] = out
+        assert tight.cache.audit().ok
+        # A choice that had started to generate waits again: a preempted fork.
+        preempted_mid_decode |= any(
+            s.status == "waiting" and s.output_tokens > 0 for s in tight.requests_in_flight()
+        )
+    assert preempted_mid_decode and tight.stats().preemptions > before
+    assert sorted(finals) == [0, 1, 2] and rid == finals[0].request_id
+    for index, out in finals.items():
+        assert out.finish_reason == "length" and out.num_output_tokens == 24
+        assert out.token_ids == reference[index].token_ids
+    assert tight.stats().blocks_used == 0 and tight.cache.audit().ok
