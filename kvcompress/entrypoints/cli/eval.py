@@ -17,6 +17,8 @@ compressed by its own policy and rate. Each pair is thus compressed once after t
 prompt's prefill (one-shot, the paper's setting) whatever ``--prefill-chunk-size`` says.
 ``--no-shared-prefill`` prefills the prompt again for every pair, in chunks compressed as
 they come, as a served request is; the JSON records which mode ran (``shared_prefill``).
+With ``--compression-interval``, a pair's later compressions read a metric that its sibling
+pairs' decodes also add to where they still share blocks; compare such sweeps per pair.
 The cost grows linearly with the lengths, samples or windows and with the number of
 pairs; add them for tighter numbers.
 
