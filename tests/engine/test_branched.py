@@ -165,7 +165,7 @@ def test_random_branches_and_aborts_leak_nothing(engine, picks, aborts):
                 assert engine.abort_request(rid)
                 aborted.add(rid)
         done.update({o.request_id: o for o in engine.step() if o.finished})
-        assert engine.cache.audit().ok
+        assert engine.cache.audit().ok and engine.stats().blocks_leaked == 0
         step += 1
     assert set(done) == set(ids) - aborted
     assert all(o.num_output_tokens == 6 for o in done.values())

@@ -116,7 +116,7 @@ def test_a_forked_child_preempted_mid_decode_is_recomputed_to_the_same_text(engi
         for out in tight.step():
             if out.finish_reason is not None:
                 finals[out.index] = out
-        assert tight.cache.audit().ok
+        assert tight.cache.audit().ok and tight.stats().blocks_leaked == 0
         # A choice that had started to generate waits again: a preempted fork.
         preempted_mid_decode |= any(
             s.status == "waiting" and s.output_tokens > 0 for s in tight.requests_in_flight()
