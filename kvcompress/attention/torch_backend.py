@@ -3,7 +3,7 @@
 A step holds decode rows and prefill chunks (see :mod:`kvcompress.attention.metadata`).
 A first chunk attends within its own tokens (causal SDPA) and sets the observation-window
 metric of its KVs. A later chunk gathers what each of its KV heads already holds and
-attends to that and, causally, to itself; its window adds to the older KVs' metric and
+attends to that and, causally, to itself; its window replaces the older KVs' metric and
 initialises its own. Decode gathers each KV head's blocks up to that head's own length, so
 each query head reads its KV head's block table; the step's attention probabilities are
 added to the metric of every KV they attended to.
@@ -125,7 +125,7 @@ class TorchAttentionBackend:
 
     def _history_metric(self, layer, q, keys, visible, scale, chunk: ChunkMetadata, meta) -> None:
         """The chunk's observation window (its last ``w`` queries) against every key it sees:
-        added to the metric of the older KVs, and the initial metric of the chunk's own
+        the new metric of the older KVs, and the initial metric of the chunk's own
         (max-pooled along their positions, which are contiguous; older ones are not)."""
         h = chunk.history
         assert h is not None
@@ -153,10 +153,20 @@ class TorchAttentionBackend:
         if config.pool_kernel > 1:
             pad = config.pool_kernel // 2
             fresh = F.max_pool1d(fresh.view(H * G, 1, n), config.pool_kernel, 1, pad).view(H, G, n)
-        contrib = torch.where(h.offsets < old, per_head, 0.0).scatter(2, new_index, fresh)
+        older = h.offsets < old  # [H, 1, W]
+        contrib = torch.where(older, per_head, 0.0).scatter(2, new_index, fresh)
         bs = cache.block_size
         key_slots = (h.blocks[layer].view(H, -1, 1) * bs + h.offsets[:bs]).view(-1)
-        cache.metric.view(-1).index_add_(0, key_slots, contrib.sum(dim=1).view(-1))
+        flat = cache.metric.view(-1)
+        # The window replaces the older KVs' metric rather than adding to it: the next
+        # compression then ranks every held KV by the latest queries alone, as a one-shot
+        # compression ranks the whole prompt by its last window. (Summing favoured KVs that
+        # had survived many windows over the newest ones: top-1 agreement trailed one-shot
+        # compression by 0.05-0.08; see the README's long-context section.) Two adds, not an
+        # assignment: padding slots alias real ones (block 0) and must change nothing.
+        stale = torch.where(older.view(H, W), flat[key_slots].view(H, W), 0.0)
+        flat.index_add_(0, key_slots, stale.view(-1).neg())
+        flat.index_add_(0, key_slots, contrib.sum(dim=1).view(-1))
 
     @staticmethod
     def _causal(q, k, v, scale) -> torch.Tensor:

@@ -236,11 +236,12 @@ def test_decode_after_compaction_attends_to_exactly_the_kept_kvs(collect):
 
 
 # --------------------------------------------------------------------------- chunks
-def reference_chunk(q, k_new, v_new, old_k, old_v, old_pos, old_metric, start_pos, power, config):
+def reference_chunk(q, k_new, v_new, old_k, old_v, old_pos, start_pos, power, config):
     """One KV head's chunk against the head's older KVs, from first principles.
 
     ``q [n, G, D]``; ``old_* [m, ...]``. Returns the output ``[n, G, D]``, the older KVs'
-    metric after the chunk ``[m]`` and the new KVs' metric ``[n]``.
+    metric after the chunk ``[m]`` (the window's alone: it replaces what they held) and the
+    new KVs' metric ``[n]``.
     """
     n, m = q.shape[0], old_k.shape[0]
     out = torch.empty(n, G, D)
@@ -265,7 +266,7 @@ def reference_chunk(q, k_new, v_new, old_k, old_v, old_pos, old_metric, start_po
         fresh = torch.nn.functional.max_pool1d(fresh.view(1, 1, n), config.pool_kernel, 1, pad)
         gained_old += per_query_head[:m]
         gained_new += fresh.view(n)
-    return out, old_metric + gained_old, gained_new
+    return out, gained_old, gained_new
 
 
 @pytest.mark.parametrize("power", [2, 1])
@@ -289,7 +290,8 @@ def test_a_chunk_attends_to_each_heads_compressed_kvs_and_itself_beside_a_decode
     assert len(set(lens_b.view(-1).tolist())) > 1, "heads should hold different counts"
     n = 5
     old = {(layer, h): held_slots(cache, layer, b, h) for layer in range(L) for h in range(H)}
-    snapshot = (cache.k_pool.clone(), cache.v_pool.clone(), cache.metric.clone())
+    cache.metric.uniform_(1.0, 2.0, generator=gen)  # stale metric the window must replace
+    snapshot = (cache.k_pool.clone(), cache.v_pool.clone())
     old_pos = cache.position.clone()
     slots = torch.tensor([a, b])
     plan = cache.prepare_append(slots, torch.tensor([1, n]))
@@ -303,7 +305,7 @@ def test_a_chunk_attends_to_each_heads_compressed_kvs_and_itself_beside_a_decode
         metric_powers=[0, power],
     )
     assert meta.chunks[0].history is not None and meta.decode is not None
-    pool_k, pool_v, metric_before = snapshot
+    pool_k, pool_v = snapshot
     for layer in range(L):
         q = torch.randn(1 + n, HQ, D, generator=gen)
         k, v = torch.randn(2, 1 + n, H, D, generator=gen)
@@ -317,7 +319,6 @@ def test_a_chunk_attends_to_each_heads_compressed_kvs_and_itself_beside_a_decode
                 pool_k.view(-1, D)[flat],
                 pool_v.view(-1, D)[flat],
                 old_pos.view(-1)[flat],
-                metric_before.view(-1)[flat],
                 17,
                 power,
                 config,
