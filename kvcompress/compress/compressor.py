@@ -218,13 +218,10 @@ class Compressor:
     def _metric_setting(
         self, params: list[CompressionParams], name: str, device: torch.device
     ) -> torch.Tensor:
-        """``[S]`` long: a metric-collection setting per request, where the request carries
-        one, else the engine-wide :class:`MetricConfig`."""
-        default = getattr(self.metric_config, name)
-        values = [getattr(p, name, None) for p in params]
-        return torch.tensor(
-            [default if v is None else v for v in values], dtype=torch.long, device=device
-        )
+        """``[S]`` long: a metric-collection setting of each request (its own, else the
+        engine-wide :class:`MetricConfig`'s)."""
+        values = [getattr(p.metric_settings(self.metric_config), name) for p in params]
+        return torch.tensor(values, dtype=torch.long, device=device)
 
     @staticmethod
     def _col(
