@@ -435,7 +435,9 @@ class LLMEngine(EngineAnalysis):
         refs = rows[rows >= 0]
         held = int(refs.numel())
         # References to blocks that other references share (forks of n > 1 requests).
-        shared = int((self.cache.pool.refcount[refs] > 1).sum()) if held else 0
+        multi = self.cache.pool.refcount[refs] > 1
+        shared = int(multi.sum()) if held else 0
+        distinct = held - shared + (int(refs[multi].unique().numel()) if shared else 0)
         return EngineStats(
             running=len(s.running),
             waiting=len(s.waiting),
@@ -454,6 +456,7 @@ class LLMEngine(EngineAnalysis):
             prefill_seconds=self.prefill_seconds,
             decode_seconds=self.decode_seconds,
             blocks_shared=shared,
+            blocks_distinct=distinct,
         )
 
     def reset_peak_memory(self) -> None:

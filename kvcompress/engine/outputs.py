@@ -120,10 +120,17 @@ class EngineStats(NamedTuple):
     # Of ``blocks_held``, the table references to blocks referenced more than once (forks of
     # an n > 1 request share their prompt): ``blocks_used`` (physical) <= ``blocks_held``.
     blocks_shared: int = 0
+    # Distinct blocks the tables reference (``blocks_held`` counts a shared block once per
+    # table): the pool's used blocks minus these are leaked.
+    blocks_distinct: int = 0
 
     @property
     def blocks_used(self) -> int:
         return self.blocks_total - self.blocks_free
+
+    @property
+    def blocks_leaked(self) -> int:
+        return self.blocks_used - self.blocks_distinct
 
 
 class Capacity(NamedTuple):
