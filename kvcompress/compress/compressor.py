@@ -50,7 +50,8 @@ class Compressor:
         if max_kvs_per_pass < 1:
             raise ValueError(f"max_kvs_per_pass must be >= 1, got {max_kvs_per_pass}")
         self.cache = cache
-        # How the metric was collected (window, buffer): the "avg" divisor depends on it.
+        # How the metric was collected (window, buffer) unless a request says otherwise:
+        # the "avg" divisor depends on it.
         self.metric_config = metric_config or MetricConfig()
         self.max_kvs_per_pass = max_kvs_per_pass
         self._generator = torch.Generator(device=cache.config.device).manual_seed(seed)

@@ -34,7 +34,10 @@ class LastQueries:
         if not rows:
             return None
         if self.store is None:
-            self.store = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
+            # A normal tensor even though the step runs in inference mode, as the cache's
+            # pools are: the scheduler copies rows into forks outside it.
+            with torch.inference_mode(False):
+                self.store = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
         index = torch.tensor([rows, slots], dtype=torch.long, device=self.device)
         return QueryCapture(index[0], index[1], self.store)
 

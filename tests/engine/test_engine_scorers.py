@@ -121,3 +121,23 @@ def test_context_compressed_by_key_norm_before_its_question(engine):
     assert final[0].kv.compressions == 1
     assert final[0].kv.kvs_kept < final[0].kv.kvs_seen / 2
     assert engine.capacity().free_blocks == free
+
+
+def test_last_query_choices_of_a_forked_request_each_compress(engine):
+    """n=2: the choices fork after the prefill (each from its parent's newest query) and
+    each compresses on its own every decode step, freeing real blocks."""
+    free = engine.capacity().free_blocks
+    compression = {
+        "max_cache_tokens": 48,
+        "protected_window": 8,
+        "scorer": "last-query",
+        "compression_interval": 1,
+    }
+    sampling = SamplingParams(n=2, max_tokens=4, temperature=1.0, seed=1, ignore_eos=True)
+    engine.add_request(PROMPT, sampling, compression)
+    finals = [o for o in engine.run() if o.finished or o.finish_reason]
+    assert sorted(o.index for o in finals) == [0, 1]
+    for out in finals:
+        assert out.kv.compressions >= 3  # after the prefill, then after decode steps
+        assert out.kv.kvs_kept <= 48 * engine.capacity().heads < out.kv.kvs_seen
+    assert engine.capacity().free_blocks == free
