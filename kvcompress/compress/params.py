@@ -260,8 +260,7 @@ class CompressionParams:
     def metric_settings(self, engine: MetricConfig) -> MetricConfig:
         """How this request's metric is collected: its own settings where it gives them,
         the engine's ``MetricConfig`` for the others."""
-        own = {name: getattr(self, name) for name in METRIC_SETTINGS}
-        given = {name: value for name, value in own.items() if value is not None}
+        given = {n: getattr(self, n) for n in METRIC_SETTINGS if getattr(self, n) is not None}
         # The usual request gives none: the engine's object itself, nothing built per step.
         return dataclasses.replace(engine, **given) if given else engine
 
