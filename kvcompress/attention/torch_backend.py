@@ -7,6 +7,11 @@ attends to that and, causally, to itself; its window replaces the older KVs' met
 initialises its own. Decode gathers each KV head's blocks up to that head's own length, so
 each query head reads its KV head's block table; the step's attention probabilities are
 added to the metric of every KV they attended to.
+
+How a sequence collects (observation window, pooling kernel, collection buffer) comes with it
+in the step's metadata, so one batch may mix requests with different settings. A sequence
+whose scorer reads its newest query (``last-query``) has it kept by ``forward``
+(``AttentionMetadata.capture``); the others cost nothing for it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch.nn.functional as F
 
 from kvcompress.attention.metadata import AttentionMetadata, ChunkMetadata, DecodeMetadata
 from kvcompress.cache import PagedKVCache
-from kvcompress.compress import MetricConfig, decode_metric, window_metric
+from kvcompress.compress import decode_metric, window_metric
 from kvcompress.compress.workspace import Workspace
 
 
@@ -24,9 +29,8 @@ class TorchAttentionBackend:
     # The prefill window metric (a backend may swap in a kernel of the same signature).
     window_metric = staticmethod(window_metric)
 
-    def __init__(self, cache: PagedKVCache, metric_config: MetricConfig | None = None) -> None:
+    def __init__(self, cache: PagedKVCache) -> None:
         self.cache = cache
-        self.metric_config = metric_config or MetricConfig()
         self.workspace = Workspace(cache.config.device)
 
     def forward(
@@ -39,6 +43,8 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         # The cache converts to its storage dtype (fp8: with the layer's scales).
         self.cache.write_tokens(meta.write_slots[layer], k, v, layer=layer)
+        if meta.capture is not None:
+            meta.capture.keep(layer, q)
         nd = meta.num_decode
         if not meta.chunks:
             return self._decode(layer, q, meta)
@@ -83,11 +89,9 @@ class TorchAttentionBackend:
         if not chunk.metric_power:
             return
         start, end = chunk.start, chunk.end
-        w = min(self.metric_config.window_size, end - start)
+        w = min(chunk.metric.window_size, end - start)
         q_win = q[end - w : end].transpose(0, 1)  # [Hq, w, D]
-        metric = self.window_metric(
-            q_win, k[start:end], scale, chunk.metric_power, self.metric_config
-        )
+        metric = self.window_metric(q_win, k[start:end], scale, chunk.metric_power, chunk.metric)
         slots = meta.append.slots[layer][:, start:end]  # [H, n]
         self.cache.metric.view(-1)[slots.reshape(-1)] = metric.reshape(-1)
 
@@ -130,7 +134,7 @@ class TorchAttentionBackend:
         h = chunk.history
         assert h is not None
         cache = self.cache
-        config = self.metric_config
+        config = chunk.metric
         n, Hq, D = q.shape
         H, W = keys.shape[0], h.width
         G = Hq // H
@@ -243,11 +247,10 @@ class TorchAttentionBackend:
         power = d.metric_power  # 0 where a sequence collects nothing
         contrib = decode_metric(probs.view(B, H * G, W), power, H)  # [B, H, W]
         keep = valid.view(B, H, W) & (power.view(B, 1, 1) > 0)
-        buffer = self.metric_config.collection_buffer
-        if buffer:
+        if d.any_buffer:  # each sequence's own buffer (0 for most)
             positions = self.cache.position.view(-1)[key_slots].long()
             current = d.positions.view(B, 1, 1)
-            keep &= (current - positions) >= buffer
+            keep &= (current - positions) >= d.collection_buffer.view(B, 1, 1)
         # Every gathered slot, zero where not kept: no boolean indexing (a device sync).
         contrib = torch.where(keep, contrib, 0.0)
         self.cache.metric.view(-1).index_add_(0, key_slots.view(-1), contrib.view(-1))

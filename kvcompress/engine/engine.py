@@ -19,7 +19,7 @@ import torch
 
 from kvcompress.attention import make_backend
 from kvcompress.cache import CacheConfig, PagedKVCache
-from kvcompress.compress import SCORERS, CompressionParams, Compressor
+from kvcompress.compress import CompressionParams, Compressor
 from kvcompress.engine.admission import check_budget_fits
 from kvcompress.engine.analysis import EngineAnalysis
 from kvcompress.engine.config import EngineConfig
@@ -68,13 +68,13 @@ class LLMEngine(EngineAnalysis):
             max_model_len=self.max_model_len,
         )
         self.cache = PagedKVCache(cache_config)
-        self.backend = make_backend(config.attention_backend, self.cache, config.metric)
+        self.backend = make_backend(config.attention_backend, self.cache)
         loaded.model.set_attention_backend(self.backend)
         self.compressor = Compressor(
             self.cache, config.max_kvs_per_pass, seed=config.seed, metric_config=config.metric
         )
-        self.scheduler = Scheduler(config, self.cache, self.compressor)
-        self.runner = ModelRunner(loaded.model, self.cache, self.device)
+        self.runner = ModelRunner(loaded.model, self.cache, self.device, config.metric)
+        self.scheduler = Scheduler(config, self.cache, self.compressor, self.runner.last_queries)
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = set(mc.eos_token_ids)
         # Each request's sequences: one, or with n > 1 / best_of the prefilling one and,
@@ -112,19 +112,6 @@ class LLMEngine(EngineAnalysis):
         (see :meth:`CompressionParams.with_overrides`)."""
         return self.config.compression.with_overrides(compression)
 
-    def _request_params(
-        self, compression: CompressionParams | Mapping[str, Any] | None
-    ) -> CompressionParams:
-        params = self.resolve_compression(compression)
-        if SCORERS[params.effective_scorer].requires:
-            # The attention backends do not hand the step's queries to the compressor yet.
-            raise InvalidParameterError(
-                f"scorer {params.effective_scorer!r} needs the queries of the last step, which "
-                "this engine does not keep yet; choose another scorer",
-                param="scorer",
-            )
-        return params
-
     def add_request(
         self,
         prompt: str | list[int],
@@ -142,7 +129,7 @@ class LLMEngine(EngineAnalysis):
         context that was compressed without seeing it.
         """
         sampling = sampling or SamplingParams()
-        params = self._request_params(compression)
+        params = self.resolve_compression(compression)
         token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not token_ids:
             raise InvalidParameterError("the prompt is empty", param="prompt")
