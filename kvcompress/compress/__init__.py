@@ -13,7 +13,6 @@ from kvcompress.compress.metrics import (
 from kvcompress.compress.params import (
     BUDGET_FIELDS,
     POLICIES,
-    PREFILL_FIELDS,
     CompressionParams,
     ParamField,
     Policy,
@@ -37,7 +36,6 @@ __all__ = [
     "BUDGET_FIELDS",
     "METRICS",
     "POLICIES",
-    "PREFILL_FIELDS",
     "SCORERS",
     "CompressionParams",
     "CompressionStats",

@@ -50,7 +50,8 @@ class Compressor:
         if max_kvs_per_pass < 1:
             raise ValueError(f"max_kvs_per_pass must be >= 1, got {max_kvs_per_pass}")
         self.cache = cache
-        # How the metric was collected (window, buffer): the "avg" divisor depends on it.
+        # How the metric was collected (window, buffer) unless a request says otherwise:
+        # the "avg" divisor depends on it.
         self.metric_config = metric_config or MetricConfig()
         self.max_kvs_per_pass = max_kvs_per_pass
         self._generator = torch.Generator(device=cache.config.device).manual_seed(seed)
@@ -218,13 +219,10 @@ class Compressor:
     def _metric_setting(
         self, params: list[CompressionParams], name: str, device: torch.device
     ) -> torch.Tensor:
-        """``[S]`` long: a metric-collection setting per request, where the request carries
-        one, else the engine-wide :class:`MetricConfig`."""
-        default = getattr(self.metric_config, name)
-        values = [getattr(p, name, None) for p in params]
-        return torch.tensor(
-            [default if v is None else v for v in values], dtype=torch.long, device=device
-        )
+        """``[S]`` long: a metric-collection setting of each request (its own, else the
+        engine-wide :class:`MetricConfig`'s)."""
+        values = [getattr(p.metric_settings(self.metric_config), name) for p in params]
+        return torch.tensor(values, dtype=torch.long, device=device)
 
     @staticmethod
     def _col(

@@ -21,7 +21,6 @@ import torch
 from kvcompress.attention import make_backend
 from kvcompress.cache import CacheConfig, PagedKVCache
 from kvcompress.compress import (
-    SCORERS,
     CompressionParams,
     Compressor,
     shared_prefill_signature,
@@ -74,13 +73,13 @@ class LLMEngine(EngineAnalysis):
             max_model_len=self.max_model_len,
         )
         self.cache = PagedKVCache(cache_config)
-        self.backend = make_backend(config.attention_backend, self.cache, config.metric)
+        self.backend = make_backend(config.attention_backend, self.cache)
         loaded.model.set_attention_backend(self.backend)
         self.compressor = Compressor(
             self.cache, config.max_kvs_per_pass, seed=config.seed, metric_config=config.metric
         )
-        self.scheduler = Scheduler(config, self.cache, self.compressor)
-        self.runner = ModelRunner(loaded.model, self.cache, self.device)
+        self.runner = ModelRunner(loaded.model, self.cache, self.device, config.metric)
+        self.scheduler = Scheduler(config, self.cache, self.compressor, self.runner.last_queries)
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = set(mc.eos_token_ids)
         # Each request's sequences: one, or with n > 1 / best_of the prefilling one and,
@@ -118,19 +117,6 @@ class LLMEngine(EngineAnalysis):
         (see :meth:`CompressionParams.with_overrides`)."""
         return self.config.compression.with_overrides(compression)
 
-    def _request_params(
-        self, compression: CompressionParams | Mapping[str, Any] | None
-    ) -> CompressionParams:
-        params = self.resolve_compression(compression)
-        if SCORERS[params.effective_scorer].requires:
-            # The attention backends do not hand the step's queries to the compressor yet.
-            raise InvalidParameterError(
-                f"scorer {params.effective_scorer!r} needs the queries of the last step, which "
-                "this engine does not keep yet; choose another scorer",
-                param="scorer",
-            )
-        return params
-
     def add_request(
         self,
         prompt: str | list[int],
@@ -148,7 +134,7 @@ class LLMEngine(EngineAnalysis):
         context that was compressed without seeing it.
         """
         sampling = sampling or SamplingParams()
-        params = self._request_params(compression)
+        params = self.resolve_compression(compression)
         token_ids, suffix_ids = self._prompt_ids(prompt, suffix, sampling)
         if sampling.num_seqs > self.config.max_num_seqs:
             param = "best_of" if sampling.ranks else "n"
@@ -200,7 +186,7 @@ class LLMEngine(EngineAnalysis):
         sampling = sampling or SamplingParams()
         if not branches:
             raise InvalidParameterError("give at least one branch", param="branches")
-        params = [self._request_params(b) for b in branches]
+        params = [self.resolve_compression(b) for b in branches]
         shared_prefill_signature(params)
         if sampling.num_seqs > 1:
             raise InvalidParameterError(

@@ -202,3 +202,12 @@ class Sequence:
         if self.branches:
             return self.compression.prefill_signature() is not None
         return self.compression.uses_metric and self.may_compress
+
+    @property
+    def keeps_last_query(self) -> bool:
+        """Whether the backend must keep the query of this sequence's newest token: its
+        scorer reads it (``last-query``) and a later compression will score. A branched
+        prefill keeps it for its branches that read it (their fork copies it)."""
+        if self.branches:
+            return any("last_queries" in b.compression.scorer_requires for b in self.branches)
+        return "last_queries" in self.compression.scorer_requires and self.may_compress

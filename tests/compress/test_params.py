@@ -16,6 +16,9 @@ from kvcompress.compress import CompressionParams
         (dict(sinks=-2), "sinks"),
         (dict(metric="l3-sum"), "metric"),
         (dict(compression_interval=0), "compression_interval"),
+        (dict(window_size=0), "window_size"),
+        (dict(pool_kernel=20), "pool_kernel"),
+        (dict(collection_buffer=-1), "collection_buffer"),
     ],
 )
 def test_bad_params_are_rejected_with_a_reason(kwargs, match):
@@ -73,6 +76,8 @@ def test_with_overrides_keeps_what_is_not_given_and_clears_what_is_none():
         ({"sinks": "2"}, "sinks", "integer"),
         ({"compress_once": 1}, "compress_once", "boolean"),
         ({"compression_rate": True}, "compression_rate", "number"),
+        ({"pool_kernel": 8}, "pool_kernel", "odd"),
+        ({"window_size": "8"}, "window_size", "integer"),
     ],
 )
 def test_bad_overrides_name_their_field(overrides, param, match):
@@ -93,12 +98,18 @@ def test_the_schema_lists_every_field_with_its_default_and_help():
         assert getattr(defaults, spec.name) == spec.default and spec.help
         assert spec.type in (int, float, str, bool)
     nullable = {s.name for s in specs if s.nullable}
-    assert nullable == {"compression_rate", "max_cache_tokens", "compression_interval"}
+    assert nullable == {
+        "compression_rate",
+        "max_cache_tokens",
+        "compression_interval",
+        "window_size",
+        "pool_kernel",
+        "collection_buffer",
+    }
     assert CompressionParams(compression_rate=2).to_dict()["compression_rate"] == 2
 
 
-def test_prefill_signature_names_what_the_prefill_collects(monkeypatch):
-    from kvcompress.compress import params as params_module
+def test_prefill_signature_names_what_the_prefill_collects():
     from kvcompress.compress import shared_prefill_signature
     from kvcompress.errors import InvalidParameterError
 
@@ -119,7 +130,20 @@ def test_prefill_signature_names_what_the_prefill_collects(monkeypatch):
     assert shared_prefill_signature(many[:1]) is None
     with pytest.raises(InvalidParameterError, match=r"uniform needs the L2 .* h2o needs the L1"):
         shared_prefill_signature([*many, CompressionParams(policy="h2o", compression_rate=8)])
-    # A request field that tunes collection joins the signature by its name alone.
-    monkeypatch.setattr(params_module, "PREFILL_FIELDS", ("protected_window",))
-    assert sig(protected_window=8) != sig(protected_window=16)
-    assert "protected_window=8" in str(sig(protected_window=8))
+    # The request's metric settings: another window or pooling needs another prefill.
+    assert sig(window_size=8) != sig(window_size=16) != sig()
+    assert sig(pool_kernel=3) != sig() == sig(sinks=4)
+    assert "window_size=8" in str(sig(window_size=8))
+
+
+def test_metric_settings_are_the_requests_own_over_the_engines():
+    from kvcompress.compress import MetricConfig
+
+    engine = MetricConfig(window_size=16, pool_kernel=3, collection_buffer=2)
+    # A request that gives none collects as the engine does (the very object).
+    assert CompressionParams().metric_settings(engine) is engine
+    own = CompressionParams(pool_kernel=21, collection_buffer=0).metric_settings(engine)
+    assert own == MetricConfig(window_size=16, pool_kernel=21, collection_buffer=0)
+    # null clears a default request setting back to the engine's.
+    defaults = CompressionParams(pool_kernel=21)
+    assert defaults.with_overrides(pool_kernel=None).metric_settings(engine) is engine

@@ -79,6 +79,20 @@ def test_a_suffix_is_fed_to_each_branch_after_its_compression(engine):
         assert out[rid].kv.kept_per_layer_head == want.kv.kept_per_layer_head
 
 
+def test_a_last_query_branch_gets_the_prompts_newest_query(engine):
+    prompt = prose_ids(engine, 150)
+    params = [
+        exact_rates(compression_rate=4, protected_window=8, scorer="last-query"),
+        *rates("streaming", 4),
+    ]
+    ids = engine.add_branched_request(prompt, GREEDY, params)
+    out = finals(engine)
+    want = alone(engine, prompt, params[0])
+    assert out[ids[0]].token_ids == want.token_ids
+    assert out[ids[0]].kv.kept_per_layer_head == want.kv.kept_per_layer_head
+    assert out[ids[0]].kv.kept_per_layer_head != out[ids[1]].kv.kept_per_layer_head
+
+
 def test_one_prefill_holds_the_prompt_once_until_the_branches_compress(engine):
     prompt = prose_ids(engine, 320)  # 20 blocks per head
     heads = engine.capacity().heads
