@@ -152,6 +152,8 @@ class Compressor:
         if exchange.widest(view.width) == 0:
             return 0, 0
         scores = self.scores(seq_slots, view, params, inputs)
+        if params[0].uses_metric:  # a replicated head's metric: each replica has a part
+            scores = exchange.merge_replicas(scores)
         sorted_scores = sort_scores(
             scores, self.workspace.get("sorted", scores.shape, torch.float32)
         )

@@ -4,9 +4,12 @@ Under tensor parallelism each rank's cache holds only its own (layer, KV head) r
 KV-Compress chooses what a sequence evicts over all its heads at once. A rank scores its rows'
 block-aligned chunks (one score per block: small), the exchange gathers the rows of every rank
 into the order one device would hold them (layer-major, ``layer * num_kv_heads + head``), every
-rank runs the same deterministic selection on that, and keeps its own rows of the result. A KV
-head replicated on several ranks (more ranks than KV heads) counts once: its row is taken from
-the first rank holding it.
+rank runs the same deterministic selection on that, and keeps its own rows of the result.
+
+A KV head replicated on several ranks (more ranks than KV heads) counts once: its row is taken
+from the first rank holding it. Each replica serves only some of the head's query heads, so
+its attention metric is a partial sum over the GQA group; :meth:`merge_replicas` adds the
+replicas' scores up, as one device sums the whole group.
 
 :class:`LocalExchange` is the identity (one rank); :class:`AllGatherExchange` the collective.
 """
@@ -41,6 +44,10 @@ class ChunkScoreExchange(Protocol):
         """``[S, global rows, ...]`` -> this rank's ``[S, local rows, ...]``."""
         ...
 
+    def merge_replicas(self, scores: torch.Tensor) -> torch.Tensor:
+        """``[S, local rows, width]`` metric scores summed over the replicas of each row."""
+        ...
+
 
 class LocalExchange:
     """One rank holds every head: nothing to exchange."""
@@ -59,6 +66,9 @@ class LocalExchange:
 
     def local(self, rows: torch.Tensor) -> torch.Tensor:
         return rows
+
+    def merge_replicas(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores
 
 
 class AllGatherExchange:
@@ -86,12 +96,14 @@ class AllGatherExchange:
         first = torch.full((self.num_rows,), flat.numel(), dtype=torch.long)
         first.scatter_reduce_(0, flat, torch.arange(flat.numel()), "amin")
         self._pick = first
+        self._flat = flat
         self._mine = rows_of_rank[rank]
-        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.replicated = flat.numel() > self.num_rows
+        self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
-    def _index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if device not in self._on:
-            self._on[device] = (self._pick.to(device), self._mine.to(device))
+            self._on[device] = tuple(t.to(device) for t in (self._pick, self._mine, self._flat))
         return self._on[device]
 
     def global_rows(self, local_rows: int) -> int:
@@ -106,7 +118,8 @@ class AllGatherExchange:
         # On the group's device (NCCL needs CUDA tensors): where the rows live.
         return int(self.max(torch.tensor([width], device=self._device)))
 
-    def gather(self, rows: torch.Tensor, fill: float | int = 0) -> torch.Tensor:
+    def _all_rows(self, rows: torch.Tensor, fill: float | int) -> torch.Tensor:
+        """Every rank's rows side by side ``[S, size * local rows, ...]`` (padded)."""
         if rows.dim() > 2:
             pad = self.widest(rows.shape[-1]) - rows.shape[-1]
             if pad:
@@ -114,9 +127,22 @@ class AllGatherExchange:
         rows = rows.contiguous()
         parts = [torch.empty_like(rows) for _ in range(self.size)]
         dist.all_gather(parts, rows, group=self.group)
-        pick, _ = self._index(rows.device)
-        return torch.cat(parts, dim=1).index_select(1, pick)
+        return torch.cat(parts, dim=1)
+
+    def gather(self, rows: torch.Tensor, fill: float | int = 0) -> torch.Tensor:
+        pick, _, _ = self._index(rows.device)
+        return self._all_rows(rows, fill).index_select(1, pick)
 
     def local(self, rows: torch.Tensor) -> torch.Tensor:
-        _, mine = self._index(rows.device)
+        _, mine, _ = self._index(rows.device)
         return rows.index_select(1, mine)
+
+    def merge_replicas(self, scores: torch.Tensor) -> torch.Tensor:
+        if not self.replicated:
+            return scores
+        _, mine, flat = self._index(scores.device)
+        every = self._all_rows(scores, float("inf"))
+        S, _, width = every.shape
+        total = torch.zeros(S, self.num_rows, width, dtype=scores.dtype, device=scores.device)
+        total.index_add_(1, flat, every)
+        return total.index_select(1, mine)[..., : scores.shape[-1]]

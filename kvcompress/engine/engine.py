@@ -12,23 +12,23 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
-from kvcompress.attention import make_backend
-from kvcompress.cache import CacheConfig, PagedKVCache
-from kvcompress.compress import SCORERS, CompressionParams, Compressor
+from kvcompress.compress import SCORERS, CompressionParams
 from kvcompress.engine.admission import check_budget_fits
 from kvcompress.engine.analysis import EngineAnalysis
 from kvcompress.engine.config import EngineConfig
+from kvcompress.engine.distributed import RankGroup
 from kvcompress.engine.logprobs import TokenLogprob, token_logprobs
-from kvcompress.engine.model_runner import ModelRunner
 from kvcompress.engine.outputs import (
     Capacity,
     EngineStats,
     KVStats,
+    RankBlocks,
     RequestOutput,
     RequestState,
 )
@@ -36,12 +36,13 @@ from kvcompress.engine.sampling import Sampler, SamplingParams
 from kvcompress.engine.scheduler import Scheduler
 from kvcompress.engine.sequence import Sequence, SequenceStatus
 from kvcompress.engine.stopping import check_stop
+from kvcompress.engine.worker import build_rank
 from kvcompress.errors import (
     ContextLengthError,
     InvalidParameterError,
     QueueFullError,
+    WorkerFailedError,
 )
-from kvcompress.models import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -49,32 +50,33 @@ logger = logging.getLogger(__name__)
 class LLMEngine(EngineAnalysis):
     def __init__(self, config: EngineConfig | None = None, **kwargs: Any) -> None:
         self.config = config = config or EngineConfig(**kwargs)
-        self.device = torch.device(config.device)
-        loaded = load_model(config.model, dtype=config.dtype, device=self.device)
-        self.model_config = mc = loaded.config
-        self.tokenizer = loaded.tokenizer
-        self.max_model_len = min(
-            config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
+        # Tensor parallelism (tensor_parallel_size > 1): rank 0's handle on the other ranks,
+        # which it starts (or joins, under torchrun); None on one device.
+        self.ranks = RankGroup(config) if config.tensor_parallel_size > 1 else None
+        self.device = self.ranks.device if self.ranks else torch.device(config.device)
+        try:
+            rank = build_rank(config, self.device, self.ranks and self.ranks.tp)
+            if self.ranks:
+                self.ranks.ready(rank)
+        except BaseException:
+            if self.ranks:
+                self.ranks.close()
+            raise
+        self.model_config = mc = rank.loaded.config
+        self.tokenizer = rank.loaded.tokenizer
+        self.max_model_len = rank.max_model_len
+        self.cache, self.backend, self.compressor, self.runner = (
+            rank.cache,
+            rank.backend,
+            rank.compressor,
+            rank.runner,
         )
-        cache_config = CacheConfig(
-            num_layers=mc.num_layers,
-            num_kv_heads=mc.num_kv_heads,
-            head_dim=mc.head_dim,
-            kv_cache_memory=config.kv_cache_memory,
-            block_size=config.block_size,
-            dtype=config.kv_cache_dtype,
-            device=self.device,
-            max_seqs=config.max_num_seqs,
-            max_model_len=self.max_model_len,
-        )
-        self.cache = PagedKVCache(cache_config)
-        self.backend = make_backend(config.attention_backend, self.cache, config.metric)
-        loaded.model.set_attention_backend(self.backend)
-        self.compressor = Compressor(
-            self.cache, config.max_kvs_per_pass, seed=config.seed, metric_config=config.metric
-        )
+        if self.ranks:
+            # The scheduler drives every rank: its cache, compressor and runner broadcast.
+            self.cache, self.compressor, self.runner = self.ranks.driver_parts(rank)
+            # The ranks never outlive the engine (collected, or at interpreter exit).
+            self._finalizer = weakref.finalize(self, self.ranks.close)
         self.scheduler = Scheduler(config, self.cache, self.compressor)
-        self.runner = ModelRunner(loaded.model, self.cache, self.device)
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = set(mc.eos_token_ids)
         # Each request's sequences: one, or with n > 1 / best_of the prefilling one and,
@@ -250,6 +252,8 @@ class LLMEngine(EngineAnalysis):
             )
             logits, forks = self._fork_at_first_sample(out.logits, sampled)
             tokens, logprobs = self._sample(logits, sampled)
+        except WorkerFailedError:  # the ranks are gone: no later step can run either
+            raise
         except Exception:
             # The batch's requests end with reason "error" and their blocks return to the
             # pool; the engine and every other request carry on.
@@ -424,16 +428,25 @@ class LLMEngine(EngineAnalysis):
 
     # ------------------------------------------------------------------ statistics
     def kv_stats(self, seq: Sequence) -> KVStats:
+        if self.ranks:
+            return self.ranks.kv_stats(seq.slot, seq.compressions)
         return KVStats.of(self.cache, seq.slot, seq.compressions)
 
     def capacity(self) -> Capacity:
+        """The KV cache: under tensor parallelism, every rank's pool and heads together."""
         cache = self.cache
+        size = self.config.tensor_parallel_size
+        free = (
+            sum(r.blocks_free for r in self.ranks.reports([]))
+            if self.ranks
+            else cache.num_free_blocks
+        )
         return Capacity(
-            num_blocks=cache.num_blocks,
-            free_blocks=cache.num_free_blocks,
+            num_blocks=cache.config.num_blocks * size,
+            free_blocks=free,
             block_size=cache.block_size,
             bytes_per_kv=cache.config.bytes_per_kv,
-            heads=cache.num_layers * cache.num_kv_heads,
+            heads=cache.num_layers * cache.num_kv_heads * size,
             max_num_seqs=self.config.max_num_seqs,
             max_model_len=self.max_model_len,
         )
@@ -441,23 +454,20 @@ class LLMEngine(EngineAnalysis):
     def stats(self) -> EngineStats:
         s = self.scheduler
         slots = [seq.slot for seq in s.running]
-        kept = int(self.cache.context_lens[:, slots].sum()) if slots else 0
-        seen = int(self.cache.seq_lens[slots].sum()) * self.capacity().heads if slots else 0
-        # Counted from the block tables, not from lengths: pool-used minus held is a leak.
-        rows = self.cache.block_tables[:, slots]
-        refs = rows[rows >= 0]
-        held = int(refs.numel())
-        # References to blocks that other references share (forks of n > 1 requests).
-        shared = int((self.cache.pool.refcount[refs] > 1).sum()) if held else 0
+        # Counted on each rank from its block tables and pool (not from lengths: pool-used
+        # minus held is a leak), and summed.
+        ranks = self.ranks.reports(slots) if self.ranks else [RankBlocks.of(self.cache, slots)]
+        mc = self.model_config
+        seen = int(self.cache.seq_lens[slots].sum()) * mc.num_layers * mc.num_kv_heads
         return EngineStats(
             running=len(s.running),
             waiting=len(s.waiting),
-            blocks_total=self.cache.num_blocks,
-            blocks_free=self.cache.num_free_blocks,
-            blocks_held=held,
-            blocks_peak=self.cache.pool.peak_used,
+            blocks_total=sum(r.blocks_total for r in ranks),
+            blocks_free=sum(r.blocks_free for r in ranks),
+            blocks_held=sum(r.blocks_held for r in ranks),
+            blocks_peak=sum(r.blocks_peak for r in ranks),
             block_size=self.cache.block_size,
-            kvs_kept=kept,
+            kvs_kept=sum(r.kvs_kept for r in ranks),
             kvs_seen=seen,
             compression_passes=s.compression_passes,
             compression_seconds=s.compression_seconds,
@@ -466,12 +476,22 @@ class LLMEngine(EngineAnalysis):
             generation_tokens=self.generation_tokens,
             prefill_seconds=self.prefill_seconds,
             decode_seconds=self.decode_seconds,
-            blocks_shared=shared,
+            blocks_shared=sum(r.blocks_shared for r in ranks),
+            ranks=tuple(ranks) if self.ranks else (),
         )
 
     def reset_peak_memory(self) -> None:
         """Start ``stats().blocks_peak`` again from the blocks in use now."""
-        self.cache.pool.reset_peak()
+        if self.ranks:
+            self.ranks.reset_peak()
+        else:
+            self.cache.pool.reset_peak()
+
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel ranks (nothing to do on one device); the engine
+        cannot step afterwards. Also done when the engine is collected and at exit."""
+        if self.ranks:
+            self._finalizer()
 
     def to_transformers(self) -> torch.nn.Module:
         """transformers' own implementation of this model, holding the same weights (for

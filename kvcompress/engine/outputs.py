@@ -98,6 +98,34 @@ class RequestState(NamedTuple):
     output_tokens: int
 
 
+class RankBlocks(NamedTuple):
+    """One tensor-parallel rank's KV blocks: the budget (``kv_cache_memory``) is per rank."""
+
+    rank: int
+    blocks_total: int
+    blocks_free: int
+    blocks_held: int
+    blocks_peak: int
+    blocks_shared: int
+    kvs_kept: int  # by the sequences asked about
+
+    @classmethod
+    def of(cls, cache: PagedKVCache, slots: list[int], rank: int = 0) -> RankBlocks:
+        rows = cache.block_tables[:, slots]
+        refs = rows[rows >= 0]
+        held = int(refs.numel())
+        return cls(
+            rank=rank,
+            blocks_total=cache.num_blocks,
+            blocks_free=cache.num_free_blocks,
+            blocks_held=held,
+            blocks_peak=cache.pool.peak_used,
+            # References to blocks that other references share (forks of n > 1 requests).
+            blocks_shared=int((cache.pool.refcount[refs] > 1).sum()) if held else 0,
+            kvs_kept=int(cache.context_lens[:, slots].sum()) if slots else 0,
+        )
+
+
 class EngineStats(NamedTuple):
     running: int
     waiting: int
@@ -120,6 +148,9 @@ class EngineStats(NamedTuple):
     # Of ``blocks_held``, the table references to blocks referenced more than once (forks of
     # an n > 1 request share their prompt): ``blocks_used`` (physical) <= ``blocks_held``.
     blocks_shared: int = 0
+    # Under tensor parallelism, each rank's blocks; the block and KV counts above are their
+    # sums (``blocks_peak``: the sum of each rank's high-water mark). Empty on one device.
+    ranks: tuple[RankBlocks, ...] = ()
 
     @property
     def blocks_used(self) -> int:

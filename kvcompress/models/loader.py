@@ -99,10 +99,28 @@ def load_model(
     kind, source = resolve_source(model)
     if kind == "hf":
         return load_hf_dir(source, backend, dtype, device, tp)
+    return load_converted(_converted(source, cache_dir), backend, dtype, device, tp)
+
+
+def load_config(
+    model: str | Path | None = None, *, cache_dir: str | Path | None = None
+) -> ModelConfig:
+    """The model's :class:`ModelConfig` alone (shapes: enough to check a sharding before
+    starting processes); a GGUF is converted, as :func:`load_model` would."""
+    kind, source = resolve_source(model)
+    if kind == "hf":
+        from transformers import AutoConfig
+
+        return ModelConfig.from_hf(AutoConfig.from_pretrained(source, local_files_only=True))
+    converted = _converted(source, cache_dir)
+    return ModelConfig(**json.loads((converted / CONVERTED_CONFIG).read_text()))
+
+
+def _converted(source: Path, cache_dir: str | Path | None) -> Path:
     root = Path(cache_dir).expanduser() if cache_dir is not None else None
     converted, hit = weight_cache.get_or_create(source, lambda out: convert_gguf(source, out), root)
     logger.info("%s converted GGUF in %s", "using" if hit else "wrote", converted)
-    return load_converted(converted, backend, dtype, device, tp)
+    return converted
 
 
 def resolve_source(model: str | Path | None) -> tuple[str, Path]:
