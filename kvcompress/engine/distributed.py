@@ -212,7 +212,7 @@ class RankGroup:
     def send(self, name: str, *args: Any) -> None:
         """Broadcast a command; rank 0 must then take its own part in it."""
         with self._lock:
-            self._check()
+            self.check_health()
             message = [(self._pending, name, args)]
             self._pending = []
             self._guard(dist.broadcast_object_list, message, 0, self.group)
@@ -226,7 +226,8 @@ class RankGroup:
             self._fail(err)
             raise WorkerFailedError(self.failed) from err
 
-    def _check(self) -> None:
+    def check_health(self) -> None:
+        """Raise :class:`WorkerFailedError` if a rank is gone (no collective: any thread)."""
         if self.failed is None:
             dead = [p for p in self.procs if p.exitcode is not None]
             if dead:

@@ -487,6 +487,12 @@ class LLMEngine(EngineAnalysis):
         else:
             self.cache.pool.reset_peak()
 
+    def check_health(self) -> None:
+        """Raise :class:`~kvcompress.errors.WorkerFailedError` if a tensor-parallel rank is
+        gone (then no step can run); never blocks, from any thread."""
+        if self.ranks:
+            self.ranks.check_health()
+
     def close(self) -> None:
         """Stop the engine's tensor-parallel ranks (nothing to do on one device); the engine
         cannot step afterwards. Also done when the engine is collected and at exit."""
