@@ -147,7 +147,11 @@ class RankGroup:
             self.device = rank_device(config.device, 0)
             self._rendezvous = tempfile.mkdtemp(prefix="kvcompress-tp-")
             init = f"file://{self._rendezvous}/rendezvous"
+            # The CPU's cores shared between the ranks (rank 0's included): oversubscribed
+            # OpenMP threads spin-wait on each other.
             threads = max(1, torch.get_num_threads() // size)
+            if self.device.type == "cpu":
+                torch.set_num_threads(threads)
             ctx = mp.get_context("spawn")
             for r in range(1, size):
                 proc = ctx.Process(
