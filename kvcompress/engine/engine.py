@@ -504,4 +504,9 @@ class LLMEngine(EngineAnalysis):
         parity checks and speed baselines)."""
         from kvcompress.models.hf_reference import to_transformers
 
+        if self.ranks:
+            raise InvalidParameterError(
+                "to_transformers needs the whole model on one device: use tensor_parallel_size=1",
+                param="tensor_parallel_size",
+            )
         return to_transformers(self.runner.model, self.model_config)

@@ -18,6 +18,7 @@ from transformers import LlamaForCausalLM as HFLlama
 
 from kvcompress.compress import CompressionParams
 from kvcompress.engine import EngineConfig, LLMEngine, SamplingParams
+from kvcompress.errors import InvalidParameterError
 from tests.models.test_loader import save_tokenizer
 
 KVCOMPRESS = CompressionParams(
@@ -128,4 +129,19 @@ def test_tp2_blocks_per_rank_and_aborts_leak_nothing(tp2) -> None:
     tp2.step()
     assert tp2.abort_request("a2")
     list(tp2.run())
+    assert_all_free(tp2)
+
+
+def test_teacher_force_on_two_ranks_matches_and_analysis_of_one_cache_refuses(
+    tiny_dir: Path, tp2
+) -> None:
+    prefix, continuation = prompts_of(128, (120, 6), seed=5)
+    want = engine(tiny_dir, 1).teacher_force(prefix, continuation, KVCOMPRESS)
+    got = tp2.teacher_force(prefix, continuation, KVCOMPRESS)
+    # The row-parallel sums add in another order: the last bits of the logits may differ.
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
+    assert got.kv == want.kv
+    for call in (lambda: tp2.inspect_kept(prefix), tp2.to_transformers):
+        with pytest.raises(InvalidParameterError, match="tensor_parallel_size=1"):
+            call()
     assert_all_free(tp2)
