@@ -5,8 +5,11 @@ Each test starts (and closes) its own tensor-parallel engine: one per process at
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +83,23 @@ def test_default_model_tp3_equals_one_device(engine: LLMEngine) -> None:
         assert_all_free(eng)
     finally:
         eng.close()
+
+
+def test_under_torchrun_rank_0_is_the_engine_and_the_others_serve_it(tiny_dir: Path) -> None:
+    args = ["generate", "w3 w9 w27 w4", "--model", str(tiny_dir), "--max-tokens", "8"]
+    args += ["--temperature", "0", "--block-size", "4", "--kv-cache-memory", "4MiB", "--json"]
+    tp2 = ["--tensor-parallel-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "kvcompress.entrypoints.cli"]
+    one = subprocess.run([*cli, *args], env=env, capture_output=True, text=True, timeout=120)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    two = subprocess.run(
+        [*torchrun, "--nproc-per-node", "2", "-m", "kvcompress.entrypoints.cli", *args, *tp2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    text = json.loads(one.stdout)["text"]
+    assert text and json.loads(two.stdout)["text"] == text  # printed by rank 0 alone
