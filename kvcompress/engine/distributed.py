@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -173,7 +174,11 @@ class RankGroup:
     def ready(self, rank: Rank) -> None:
         """Wait for every rank to be built; raise the first rank's error."""
         self.worker = RankWorker(rank, self.tp, self.group)
-        errors = self._guard(self.worker._gather, None)
+        try:  # the other ranks answer from _run_rank, before they serve commands
+            errors = self.worker.all_gather(None)
+        except Exception as err:
+            self._fail(err)
+            raise WorkerFailedError(self.failed) from err
         failed = [(r, e) for r, e in enumerate(errors) if e]
         if failed:
             r, error = failed[0]
@@ -209,48 +214,49 @@ class RankGroup:
 
     def call(self, name: str, *args: Any) -> Any:
         """Run a command on every rank (rank 0's result)."""
-        with self._lock:
-            self.send(name, *args)
-            return self._guard(getattr(self.worker, name), *args)
+        return self.command(name, args, lambda: getattr(self.worker, name)(*args))
 
-    def send(self, name: str, *args: Any) -> None:
-        """Broadcast a command; rank 0 must then take its own part in it."""
+    def command(self, name: str, args: tuple, local: Callable[[], Any]) -> Any:
+        """Broadcast a command, then run rank 0's part of it (``local``). A failure of
+        either leaves the ranks out of step (some wait in a collective that will never
+        come), so it ends the group: :class:`WorkerFailedError`."""
         with self._lock:
+            if self.failed is None and self._dead():
+                self._fail(None)
             self.check_health()
             message = [(self._pending, name, args)]
             self._pending = []
-            self._guard(dist.broadcast_object_list, message, 0, self.group)
+            try:
+                dist.broadcast_object_list(message, 0, self.group)
+                return local()
+            except Exception as err:
+                self._fail(err)
+                raise WorkerFailedError(self.failed) from err
 
-    def _guard(self, fn: Any, *args: Any) -> Any:
-        """Run rank 0's part of a command; any failure leaves the ranks out of step (some
-        wait in a collective that will never come), so it ends the group."""
-        try:
-            return fn(*args)
-        except Exception as err:
-            self._fail(err)
-            raise WorkerFailedError(self.failed) from err
-
-    def check_health(self) -> None:
-        """Raise :class:`WorkerFailedError` if a rank is gone (no collective: any thread)."""
-        if self.failed is None:
-            dead = [p for p in self.procs if p.exitcode is not None]
-            if dead:
-                self._fail(None)
-        if self.failed is not None:
-            raise WorkerFailedError(self.failed)
-
-    def _fail(self, err: BaseException | None) -> None:
-        if self.failed is not None:
-            return
-        dead = [
+    def _dead(self) -> list[str]:
+        return [
             f"rank {r} (exit code {p.exitcode})"
             for r, p in enumerate(self.procs, 1)
             if p.exitcode is not None
         ]
+
+    def check_health(self) -> None:
+        """Raise :class:`WorkerFailedError` if a rank is gone. Reads only (any thread): the
+        group is closed by the next command."""
+        if self.failed is not None:
+            raise WorkerFailedError(self.failed)
+        dead = self._dead()
+        if dead:
+            raise WorkerFailedError(self._message(f"{', '.join(dead)} died"))
+
+    @staticmethod
+    def _message(what: str) -> str:
+        return f"tensor parallelism broke: {what}; the engine cannot continue, start a new one"
+
+    def _fail(self, err: BaseException | None) -> None:
+        dead = self._dead()
         what = f"{', '.join(dead)} died" if dead else f"a collective failed ({err})"
-        self.failed = (
-            f"tensor parallelism broke: {what}; the engine cannot continue, start a new one"
-        )
+        self.failed = self._message(what)
         logger.error("%s", self.failed)
         self.close()
 
@@ -261,7 +267,7 @@ class RankGroup:
             return
         self.closed = True
         # Ranks that are built and in step are asked to stop; others are killed.
-        polite = self.failed is None and hasattr(self, "worker")
+        polite = self.failed is None and hasattr(self, "worker") and not self._dead()
         if polite:
             try:
                 with self._lock:
@@ -362,11 +368,11 @@ class DriverRunner:
             start = s.num_computed
             fed = [s.last_token] if i < num_decode else s.token_slice(start, start + n)
             plan.append(PlannedSeq(s.slot, start, fed, s.compression, s.collects_metric))
-        with self.parallel._lock:
-            self.parallel.send("execute", plan, num_tokens, num_decode)
-            return self.parallel._guard(
-                self.local.run, seqs, num_tokens, num_decode, sample, prompt_logprobs
-            )
+        return self.parallel.command(
+            "execute",
+            (plan, num_tokens, num_decode),
+            lambda: self.local.run(seqs, num_tokens, num_decode, sample, prompt_logprobs),
+        )
 
 
 def merge_kv_stats(

@@ -151,19 +151,19 @@ class RankWorker:
         return self._reduce(self.rank.cache.blocks_needed(slots, num_tokens), dist.ReduceOp.MAX)
 
     def reports(self, slots: list[int]) -> list[RankBlocks]:
-        return self._gather(RankBlocks.of(self.rank.cache, slots, self.tp.rank))
+        return self.all_gather(RankBlocks.of(self.rank.cache, slots, self.tp.rank))
 
     def kv_stats(self, slot: int, compressions: int) -> list[KVStats]:
-        return self._gather(KVStats.of(self.rank.cache, slot, compressions))
+        return self.all_gather(KVStats.of(self.rank.cache, slot, compressions))
 
     def audit(self) -> list[CacheAudit]:
         """Every rank's pool checked against its block tables."""
-        return self._gather(self.rank.cache.audit())
+        return self.all_gather(self.rank.cache.audit())
 
     def reset_peak(self) -> None:
         self.rank.cache.pool.reset_peak()
 
-    def _gather(self, obj: Any) -> list[Any]:
+    def all_gather(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.tp.size
         dist.all_gather_object(out, obj, group=self.group)
         return out

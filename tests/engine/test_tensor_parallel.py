@@ -145,3 +145,9 @@ def test_teacher_force_on_two_ranks_matches_and_analysis_of_one_cache_refuses(
         with pytest.raises(InvalidParameterError, match="tensor_parallel_size=1"):
             call()
     assert_all_free(tp2)
+
+
+def test_a_second_tensor_parallel_engine_in_the_process_is_refused(tiny_dir: Path, tp2) -> None:
+    with pytest.raises(RuntimeError, match="close\\(\\) that engine first: one per process"):
+        engine(tiny_dir, 2)
+    assert tp2.stats().blocks_free == tp2.stats().blocks_total  # the first one carries on
