@@ -5,17 +5,22 @@ are ordered decode sequences first, one token each, then the chunks, each a run 
 consecutive tokens of one sequence. A chunk of a sequence that already holds KVs (an earlier
 chunk, possibly compressed since) attends to them through its block tables and to itself.
 
+Each sequence carries its own metric-collection settings (metric power, observation window,
+pooling kernel, collection buffer), so one step may mix requests that collect differently.
+
 Everything here is built once per step (by :func:`build_metadata`) and read by every layer,
 so that layers construct no tensors from Python values and never wait on the device.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from kvcompress.cache import AppendPlan, PagedKVCache
+from kvcompress.compress import MetricConfig
 
 
 @dataclass
@@ -32,6 +37,8 @@ class DecodeMetadata:
     positions: torch.Tensor  # [B] position of each decode token
     metric_power: torch.Tensor  # [B] 1 or 2, and 0 for a sequence that collects no metric
     any_metric: bool  # some decode sequence collects the metric
+    collection_buffer: torch.Tensor  # [B] long: each sequence's collection buffer
+    any_buffer: bool  # some decode sequence that collects has a buffer > 0
     # Every (layer, sequence, head) holds this many KVs (None: they differ), so that attention
     # needs no mask: the gathered rows are cut to it instead. Usual without compression.
     uniform_len: int | None = None
@@ -68,11 +75,26 @@ class ChunkMetadata:
     start: int
     end: int
     metric_power: int  # 1 or 2; 0 when the sequence collects no metric
+    metric: MetricConfig  # how the sequence collects it: window, pooling, buffer
     history: HistoryMetadata | None  # None: the sequence held no KVs before this chunk
 
     @property
     def num_tokens(self) -> int:
         return self.end - self.start
+
+
+@dataclass
+class QueryCapture:
+    """Queries the backend keeps for the compressor: the post-RoPE query of some of the
+    step's tokens (each the newest of a sequence whose scorer reads it), per layer."""
+
+    rows: torch.Tensor  # [R] flat token indices of the step
+    slots: torch.Tensor  # [R] rows of ``store`` they go to (the sequences' cache slots)
+    store: torch.Tensor  # [max_seqs, L, Hq, D]
+
+    def keep(self, layer: int, q: torch.Tensor) -> None:
+        """One indexed copy per layer, of the captured rows only."""
+        self.store[self.slots, layer] = q[self.rows].to(self.store.dtype)
 
 
 @dataclass
@@ -87,6 +109,7 @@ class AttentionMetadata:
     num_decode: int  # the first ``num_decode`` sequences (and tokens) decode
     decode: DecodeMetadata | None  # None when the step has no decode rows
     chunks: list[ChunkMetadata]  # the prefill chunks, in flat order
+    capture: QueryCapture | None = None  # None: no sequence of the step needs its query
 
     @property
     def fresh_only(self) -> bool:
@@ -103,18 +126,27 @@ def build_metadata(
     num_decode: int,
     computed: list[int],
     metric_powers: list[int],
+    metric_settings: Sequence[MetricConfig] | None = None,
     metric_power: torch.Tensor | None = None,
+    collection_buffer: torch.Tensor | None = None,
+    capture: QueryCapture | None = None,
 ) -> AttentionMetadata:
     """The metadata of one step, after ``append`` (the step's :meth:`prepare_append`).
 
     ``computed[i]`` is the number of tokens sequence ``i`` had fed before this step (0 for a
-    first chunk); ``metric_powers[i]`` is 0 for a sequence that collects no metric.
-    ``metric_power``, the same values as a tensor on the cache's device, may be passed when
-    the caller already built it (one host-to-device copy per step instead of several).
+    first chunk); ``metric_powers[i]`` is 0 for a sequence that collects no metric, and
+    ``metric_settings[i]`` says how it collects (default: ``MetricConfig()`` for every
+    sequence). ``metric_power`` and ``collection_buffer``, the same values as tensors on the
+    cache's device, may be passed when the caller already built them (one host-to-device
+    copy per step instead of several). ``capture`` names the queries to keep.
     """
     dev = seq_slots.device
+    settings = list(metric_settings or [MetricConfig()] * len(query_lens))
     if metric_power is None:
         metric_power = torch.tensor(metric_powers, dtype=torch.long, device=dev)
+    buffers = [m.collection_buffer for m in settings]
+    if collection_buffer is None:
+        collection_buffer = torch.tensor(buffers, dtype=torch.long, device=dev)
     bs = cache.block_size
     decode = None
     if num_decode:
@@ -132,6 +164,11 @@ def build_metadata(
             positions=append.positions[:num_decode],
             metric_power=metric_power[:num_decode],
             any_metric=any(p > 0 for p in metric_powers[:num_decode]),
+            collection_buffer=collection_buffer[:num_decode],
+            any_buffer=any(
+                p > 0 and b > 0
+                for p, b in zip(metric_powers[:num_decode], buffers[:num_decode], strict=True)
+            ),
             uniform_len=longest if shortest == longest else None,
         )
     chunks = []
@@ -151,7 +188,7 @@ def build_metadata(
                 query_offsets=torch.arange(n, device=dev).view(n, 1),
                 max_blocks=nb,
             )
-        chunks.append(ChunkMetadata(i, start, start + n, metric_powers[i], history))
+        chunks.append(ChunkMetadata(i, start, start + n, metric_powers[i], settings[i], history))
         start += n
     return AttentionMetadata(
         seq_slots=seq_slots,
@@ -161,4 +198,5 @@ def build_metadata(
         num_decode=num_decode,
         decode=decode,
         chunks=chunks,
+        capture=capture,
     )

@@ -8,7 +8,6 @@ import torch
 
 from kvcompress.attention.triton import available as triton_available
 from kvcompress.cache import PagedKVCache
-from kvcompress.compress import MetricConfig
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
@@ -28,12 +27,12 @@ def resolve_backend(name: str, device: str | torch.device) -> str:
     return name
 
 
-def make_backend(name: str, cache: PagedKVCache, metric_config: MetricConfig | None = None):
+def make_backend(name: str, cache: PagedKVCache):
     """The backend ``name`` (after :func:`resolve_backend`) over ``cache``."""
     if resolve_backend(name, cache.config.device) == "triton":
         from kvcompress.attention.triton_backend import TritonAttentionBackend
 
-        return TritonAttentionBackend(cache, metric_config)
+        return TritonAttentionBackend(cache)
     from kvcompress.attention.torch_backend import TorchAttentionBackend
 
-    return TorchAttentionBackend(cache, metric_config)
+    return TorchAttentionBackend(cache)

@@ -3,10 +3,15 @@
 A step holds decode rows and prefill chunks (see :mod:`kvcompress.attention.metadata`).
 A first chunk attends within its own tokens (causal SDPA) and sets the observation-window
 metric of its KVs. A later chunk gathers what each of its KV heads already holds and
-attends to that and, causally, to itself; its window adds to the older KVs' metric and
+attends to that and, causally, to itself; its window replaces the older KVs' metric and
 initialises its own. Decode gathers each KV head's blocks up to that head's own length, so
 each query head reads its KV head's block table; the step's attention probabilities are
 added to the metric of every KV they attended to.
+
+How a sequence collects (observation window, pooling kernel, collection buffer) comes with it
+in the step's metadata, so one batch may mix requests with different settings. A sequence
+whose scorer reads its newest query (``last-query``) has it kept by ``forward``
+(``AttentionMetadata.capture``); the others cost nothing for it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch.nn.functional as F
 
 from kvcompress.attention.metadata import AttentionMetadata, ChunkMetadata, DecodeMetadata
 from kvcompress.cache import PagedKVCache
-from kvcompress.compress import MetricConfig, decode_metric, window_metric
+from kvcompress.compress import decode_metric, window_metric
 from kvcompress.compress.workspace import Workspace
 
 
@@ -24,9 +29,8 @@ class TorchAttentionBackend:
     # The prefill window metric (a backend may swap in a kernel of the same signature).
     window_metric = staticmethod(window_metric)
 
-    def __init__(self, cache: PagedKVCache, metric_config: MetricConfig | None = None) -> None:
+    def __init__(self, cache: PagedKVCache) -> None:
         self.cache = cache
-        self.metric_config = metric_config or MetricConfig()
         self.workspace = Workspace(cache.config.device)
 
     def forward(
@@ -39,6 +43,8 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         # The cache converts to its storage dtype (fp8: with the layer's scales).
         self.cache.write_tokens(meta.write_slots[layer], k, v, layer=layer)
+        if meta.capture is not None:
+            meta.capture.keep(layer, q)
         nd = meta.num_decode
         if not meta.chunks:
             return self._decode(layer, q, meta)
@@ -83,11 +89,9 @@ class TorchAttentionBackend:
         if not chunk.metric_power:
             return
         start, end = chunk.start, chunk.end
-        w = min(self.metric_config.window_size, end - start)
+        w = min(chunk.metric.window_size, end - start)
         q_win = q[end - w : end].transpose(0, 1)  # [Hq, w, D]
-        metric = self.window_metric(
-            q_win, k[start:end], scale, chunk.metric_power, self.metric_config
-        )
+        metric = self.window_metric(q_win, k[start:end], scale, chunk.metric_power, chunk.metric)
         slots = meta.append.slots[layer][:, start:end]  # [H, n]
         self.cache.metric.view(-1)[slots.reshape(-1)] = metric.reshape(-1)
 
@@ -125,12 +129,12 @@ class TorchAttentionBackend:
 
     def _history_metric(self, layer, q, keys, visible, scale, chunk: ChunkMetadata, meta) -> None:
         """The chunk's observation window (its last ``w`` queries) against every key it sees:
-        added to the metric of the older KVs, and the initial metric of the chunk's own
+        the new metric of the older KVs, and the initial metric of the chunk's own
         (max-pooled along their positions, which are contiguous; older ones are not)."""
         h = chunk.history
         assert h is not None
         cache = self.cache
-        config = self.metric_config
+        config = chunk.metric
         n, Hq, D = q.shape
         H, W = keys.shape[0], h.width
         G = Hq // H
@@ -153,10 +157,20 @@ class TorchAttentionBackend:
         if config.pool_kernel > 1:
             pad = config.pool_kernel // 2
             fresh = F.max_pool1d(fresh.view(H * G, 1, n), config.pool_kernel, 1, pad).view(H, G, n)
-        contrib = torch.where(h.offsets < old, per_head, 0.0).scatter(2, new_index, fresh)
+        older = h.offsets < old  # [H, 1, W]
+        contrib = torch.where(older, per_head, 0.0).scatter(2, new_index, fresh)
         bs = cache.block_size
         key_slots = (h.blocks[layer].view(H, -1, 1) * bs + h.offsets[:bs]).view(-1)
-        cache.metric.view(-1).index_add_(0, key_slots, contrib.sum(dim=1).view(-1))
+        flat = cache.metric.view(-1)
+        # The window replaces the older KVs' metric rather than adding to it: the next
+        # compression then ranks every held KV by the latest queries alone, as a one-shot
+        # compression ranks the whole prompt by its last window. (Summing favoured KVs that
+        # had survived many windows over the newest ones: top-1 agreement trailed one-shot
+        # compression by 0.05-0.08; see the README's long-context section.) Two adds, not an
+        # assignment: padding slots alias real ones (block 0) and must change nothing.
+        stale = torch.where(older.view(H, W), flat[key_slots].view(H, W), 0.0)
+        flat.index_add_(0, key_slots, stale.view(-1).neg())
+        flat.index_add_(0, key_slots, contrib.sum(dim=1).view(-1))
 
     @staticmethod
     def _causal(q, k, v, scale) -> torch.Tensor:
@@ -233,11 +247,10 @@ class TorchAttentionBackend:
         power = d.metric_power  # 0 where a sequence collects nothing
         contrib = decode_metric(probs.view(B, H * G, W), power, H)  # [B, H, W]
         keep = valid.view(B, H, W) & (power.view(B, 1, 1) > 0)
-        buffer = self.metric_config.collection_buffer
-        if buffer:
+        if d.any_buffer:  # each sequence's own buffer (0 for most)
             positions = self.cache.position.view(-1)[key_slots].long()
             current = d.positions.view(B, 1, 1)
-            keep &= (current - positions) >= buffer
+            keep &= (current - positions) >= d.collection_buffer.view(B, 1, 1)
         # Every gathered slot, zero where not kept: no boolean indexing (a device sync).
         contrib = torch.where(keep, contrib, 0.0)
         self.cache.metric.view(-1).index_add_(0, key_slots.view(-1), contrib.view(-1))

@@ -17,20 +17,14 @@ from kvcompress.attention.torch_backend import TorchAttentionBackend
 from kvcompress.attention.triton.decode import MetricSink, paged_decode
 from kvcompress.attention.triton.window import window_metric
 from kvcompress.cache import PagedKVCache
-from kvcompress.compress import MetricConfig
 
 
 class TritonAttentionBackend(TorchAttentionBackend):
     # The prefill window metric, same signature as compress.window_metric.
     window_metric = staticmethod(window_metric)
 
-    def __init__(
-        self,
-        cache: PagedKVCache,
-        metric_config: MetricConfig | None = None,
-        block_n: int = 64,
-    ) -> None:
-        super().__init__(cache, metric_config)
+    def __init__(self, cache: PagedKVCache, block_n: int = 64) -> None:
+        super().__init__(cache)
         self.block_n = block_n  # keys per kernel tile
 
     def _decode(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -47,7 +41,8 @@ class TritonAttentionBackend(TorchAttentionBackend):
                 cache.position,
                 d.metric_power,
                 d.positions,
-                self.metric_config.collection_buffer,
+                # Each sequence's own buffer; None: none has one, positions are not read.
+                d.collection_buffer if d.any_buffer else None,
             )
         scales = (cache.k_scale[layer], cache.v_scale[layer]) if cache.quantized else (None, None)
         return paged_decode(

@@ -55,7 +55,8 @@ class Compressor:
         if max_kvs_per_pass < 1:
             raise ValueError(f"max_kvs_per_pass must be >= 1, got {max_kvs_per_pass}")
         self.cache = cache
-        # How the metric was collected (window, buffer): the "avg" divisor depends on it.
+        # How the metric was collected (window, buffer) unless a request says otherwise:
+        # the "avg" divisor depends on it.
         self.metric_config = metric_config or MetricConfig()
         self.max_kvs_per_pass = max_kvs_per_pass
         self.exchange = exchange or LocalExchange()
@@ -152,7 +153,8 @@ class Compressor:
         if exchange.widest(view.width) == 0:
             return 0, 0
         scores = self.scores(seq_slots, view, params, inputs)
-        if params[0].uses_metric:  # a replicated head's metric: each replica has a part
+        if not SCORERS[params[0].effective_scorer].query_agnostic:
+            # Summed over the GQA group's query heads: a replica holds only some of them.
             scores = exchange.merge_replicas(scores)
         sorted_scores = sort_scores(
             scores, self.workspace.get("sorted", scores.shape, torch.float32)
@@ -231,13 +233,10 @@ class Compressor:
     def _metric_setting(
         self, params: list[CompressionParams], name: str, device: torch.device
     ) -> torch.Tensor:
-        """``[S]`` long: a metric-collection setting per request, where the request carries
-        one, else the engine-wide :class:`MetricConfig`."""
-        default = getattr(self.metric_config, name)
-        values = [getattr(p, name, None) for p in params]
-        return torch.tensor(
-            [default if v is None else v for v in values], dtype=torch.long, device=device
-        )
+        """``[S]`` long: a metric-collection setting of each request (its own, else the
+        engine-wide :class:`MetricConfig`'s)."""
+        values = [getattr(p.metric_settings(self.metric_config), name) for p in params]
+        return torch.tensor(values, dtype=torch.long, device=device)
 
     @staticmethod
     def _col(

@@ -7,9 +7,10 @@ into the order one device would hold them (layer-major, ``layer * num_kv_heads +
 rank runs the same deterministic selection on that, and keeps its own rows of the result.
 
 A KV head replicated on several ranks (more ranks than KV heads) counts once: its row is taken
-from the first rank holding it. Each replica serves only some of the head's query heads, so
-its attention metric is a partial sum over the GQA group; :meth:`merge_replicas` adds the
-replicas' scores up, as one device sums the whole group.
+from the first rank holding it. Each replica serves only some of the head's query heads, so a
+score summed over the GQA group (the attention metric, the newest query's attention) is a
+partial sum there; :meth:`merge_replicas` adds the replicas' scores up, as one device sums the
+whole group.
 
 :class:`LocalExchange` is the identity (one rank); :class:`AllGatherExchange` the collective.
 """
@@ -45,7 +46,7 @@ class ChunkScoreExchange(Protocol):
         ...
 
     def merge_replicas(self, scores: torch.Tensor) -> torch.Tensor:
-        """``[S, local rows, width]`` metric scores summed over the replicas of each row."""
+        """``[S, local rows, width]`` scores summed over the replicas of each row."""
         ...
 
 

@@ -9,11 +9,17 @@ divide by the number of queries a KV has seen, which is applied when scoring (se
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from kvcompress.errors import InvalidParameterError
+
 METRICS = ("l2-sum", "l1-sum", "l2-avg", "l1-avg")
+# The collection settings a request may set for itself (``CompressionParams`` fields of the
+# same names; None there means the engine's ``MetricConfig``).
+METRIC_SETTINGS = ("window_size", "collection_buffer", "pool_kernel")
 
 
 def metric_power(metric: str) -> int:
@@ -22,21 +28,36 @@ def metric_power(metric: str) -> int:
     return 2 if metric.startswith("l2") else 1
 
 
+def check_metric_setting(name: str, value: Any) -> None:
+    """Raise ``InvalidParameterError`` naming ``name`` unless ``value`` is a valid setting
+    (the one rule for the engine's ``MetricConfig`` and a request's own settings)."""
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    if name == "window_size" and not (integer and value >= 1):
+        raise InvalidParameterError(
+            f"window_size must be an integer >= 1, got {value!r}", param=name
+        )
+    if name == "collection_buffer" and not (integer and value >= 0):
+        raise InvalidParameterError(
+            f"collection_buffer must be an integer >= 0, got {value!r}", param=name
+        )
+    if name == "pool_kernel" and not (integer and value >= 1 and value % 2 == 1):
+        raise InvalidParameterError(
+            f"pool_kernel must be a positive odd integer, got {value!r}", param=name
+        )
+
+
 @dataclass(frozen=True)
 class MetricConfig:
-    """How the prefill metric is collected (engine-wide)."""
+    """How the metric is collected: the engine's defaults, which a request may override
+    field by field (``CompressionParams.metric_settings``)."""
 
-    window_size: int = 32  # observation window: the last queries of the prompt
+    window_size: int = 32  # observation window: the last queries of each prefill chunk
     collection_buffer: int = 0  # skip query-key pairs closer than this many positions
     pool_kernel: int = 7  # 1-D max-pool along the key axis; 1 disables pooling
 
     def __post_init__(self) -> None:
-        if self.window_size < 1:
-            raise ValueError(f"window_size must be >= 1, got {self.window_size}")
-        if self.collection_buffer < 0:
-            raise ValueError(f"collection_buffer must be >= 0, got {self.collection_buffer}")
-        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
-            raise ValueError(f"pool_kernel must be a positive odd number, got {self.pool_kernel}")
+        for name in METRIC_SETTINGS:
+            check_metric_setting(name, getattr(self, name))
 
 
 def window_metric(

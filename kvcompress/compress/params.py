@@ -16,7 +16,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple
 
-from kvcompress.compress.metrics import METRICS, metric_power
+from kvcompress.compress.metrics import (
+    METRIC_SETTINGS,
+    METRICS,
+    MetricConfig,
+    check_metric_setting,
+    metric_power,
+)
 from kvcompress.compress.scorers import SCORERS
 from kvcompress.errors import InvalidParameterError
 
@@ -60,6 +66,10 @@ POLICIES: dict[str, Policy] = {
 BUDGET_FIELDS = ("compression_rate", "max_cache_tokens")
 
 
+# The engine's defaults, quoted in the help of the settings a request may override.
+_ENGINE_METRIC = MetricConfig()
+
+
 def _doc(help: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
     return {"help": help, "choices": choices}
 
@@ -98,12 +108,36 @@ class CompressionParams:
     )
     sinks: int = field(default=0, metadata=_doc("the first tokens, never evicted"))
     metric: str = field(default="l2-sum", metadata=_doc("eviction metric", METRICS))
+    # How the metric is collected; None: the engine's MetricConfig (metric_settings).
+    window_size: int | None = field(
+        default=None,
+        metadata=_doc(
+            "observation window: the last queries of each prefill chunk, whose attention "
+            f"sets the metric (none: the engine's, {_ENGINE_METRIC.window_size} by default)"
+        ),
+    )
+    pool_kernel: int | None = field(
+        default=None,
+        metadata=_doc(
+            "max-pool width along key positions of the window metric, odd; wider keeps "
+            "multi-token facts whole, 1: no pooling (none: the engine's, "
+            f"{_ENGINE_METRIC.pool_kernel} by default)"
+        ),
+    )
+    collection_buffer: int | None = field(
+        default=None,
+        metadata=_doc(
+            "query-key pairs closer than this many positions add nothing to the metric "
+            f"(none: the engine's, {_ENGINE_METRIC.collection_buffer} by default)"
+        ),
+    )
     scorer: str = field(
         default="window",
         metadata=_doc(
             "how KVs are scored for the planner (window: the accumulated attention metric; "
             "key-norm / expected-attention read no query, for a context compressed before "
-            "its question; streaming and random keep their own)",
+            "its question; last-query: the newest token's attention, TOVA; streaming and "
+            "random keep their own)",
             tuple(SCORERS),
         ),
     )
@@ -146,6 +180,9 @@ class CompressionParams:
                 raise bad(name, f"{name} must be an integer >= 0, got {value!r}")
         if self.metric not in METRICS:
             raise bad("metric", f"unknown metric {self.metric!r}; choose from {', '.join(METRICS)}")
+        for name in METRIC_SETTINGS:
+            if getattr(self, name) is not None:
+                check_metric_setting(name, getattr(self, name))
         if self.scorer not in SCORERS:
             raise bad("scorer", f"unknown scorer {self.scorer!r}; choose from {', '.join(SCORERS)}")
         if not isinstance(self.compress_once, bool):
@@ -214,6 +251,18 @@ class CompressionParams:
     def uses_metric(self) -> bool:
         """Whether the engine must accumulate the attention metric for this request."""
         return SCORERS[self.effective_scorer].uses_metric
+
+    @property
+    def scorer_requires(self) -> tuple[str, ...]:
+        """The ``ScorerInputs`` fields this request's scorer cannot run without."""
+        return SCORERS[self.effective_scorer].requires
+
+    def metric_settings(self, engine: MetricConfig) -> MetricConfig:
+        """How this request's metric is collected: its own settings where it gives them,
+        the engine's ``MetricConfig`` for the others."""
+        given = {n: getattr(self, n) for n in METRIC_SETTINGS if getattr(self, n) is not None}
+        # The usual request gives none: the engine's object itself, nothing built per step.
+        return dataclasses.replace(engine, **given) if given else engine
 
     @property
     def power(self) -> int:

@@ -46,7 +46,7 @@ class EngineAnalysis:
             raise InvalidParameterError(
                 "prefix and continuation must both be non-empty", param="prompt"
             )
-        params = self._request_params(compression)
+        params = self.resolve_compression(compression)
         seq = Sequence("teacher-force", list(prefix), SamplingParams(), params)
         total = len(prefix) + len(continuation) - 1
         if total > self.max_model_len:
@@ -82,7 +82,9 @@ class EngineAnalysis:
             )
         if not prompt:
             raise InvalidParameterError("the prompt is empty", param="prompt")
-        seq = Sequence("inspect", list(prompt), SamplingParams(), self._request_params(compression))
+        seq = Sequence(
+            "inspect", list(prompt), SamplingParams(), self.resolve_compression(compression)
+        )
         seq.slot = self.cache.allocate_seq()
         try:
             self._prefill_alone(seq)

@@ -254,6 +254,8 @@ class RankGroup:
         return f"tensor parallelism broke: {what}; the engine cannot continue, start a new one"
 
     def _fail(self, err: BaseException | None) -> None:
+        for proc in self.procs:  # a collective broke: name the rank if it is exiting
+            proc.join(timeout=1 if err is not None and not self._dead() else 0)
         dead = self._dead()
         what = f"{', '.join(dead)} died" if dead else f"a collective failed ({err})"
         self.failed = self._message(what)
@@ -342,7 +344,10 @@ class DriverCompressor:
     def __init__(self, parallel: RankGroup) -> None:
         self.parallel = parallel
 
-    def compress(self, seq_slots: list[int], params: list[CompressionParams]) -> Any:
+    def compress(
+        self, seq_slots: list[int], params: list[CompressionParams], inputs: Any = None
+    ) -> Any:
+        # ``inputs`` (rank 0's newest queries) stays here: each rank reads its own.
         return self.parallel.call("compress", list(seq_slots), list(params))
 
 
@@ -353,6 +358,7 @@ class DriverRunner:
         self.parallel = parallel
         self.local = local
         self.model = local.model
+        self.last_queries = local.last_queries  # rank 0's: the scheduler copies them for forks
 
     def run(
         self,
@@ -367,7 +373,9 @@ class DriverRunner:
             # What the runner feeds: a decode's last token, a chunk's next n tokens.
             start = s.num_computed
             fed = [s.last_token] if i < num_decode else s.token_slice(start, start + n)
-            plan.append(PlannedSeq(s.slot, start, fed, s.compression, s.collects_metric))
+            plan.append(
+                PlannedSeq(s.slot, start, fed, s.compression, s.collects_metric, s.keeps_last_query)
+            )
         return self.parallel.command(
             "execute",
             (plan, num_tokens, num_decode),

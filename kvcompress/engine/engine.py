@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from kvcompress.compress import SCORERS, CompressionParams
+from kvcompress.compress import CompressionParams
 from kvcompress.engine.admission import check_budget_fits
 from kvcompress.engine.analysis import EngineAnalysis
 from kvcompress.engine.config import EngineConfig
@@ -76,7 +76,7 @@ class LLMEngine(EngineAnalysis):
             self.cache, self.compressor, self.runner = self.ranks.driver_parts(rank)
             # The ranks never outlive the engine (collected, or at interpreter exit).
             self._finalizer = weakref.finalize(self, self.ranks.close)
-        self.scheduler = Scheduler(config, self.cache, self.compressor)
+        self.scheduler = Scheduler(config, self.cache, self.compressor, self.runner.last_queries)
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = set(mc.eos_token_ids)
         # Each request's sequences: one, or with n > 1 / best_of the prefilling one and,
@@ -114,19 +114,6 @@ class LLMEngine(EngineAnalysis):
         (see :meth:`CompressionParams.with_overrides`)."""
         return self.config.compression.with_overrides(compression)
 
-    def _request_params(
-        self, compression: CompressionParams | Mapping[str, Any] | None
-    ) -> CompressionParams:
-        params = self.resolve_compression(compression)
-        if SCORERS[params.effective_scorer].requires:
-            # The attention backends do not hand the step's queries to the compressor yet.
-            raise InvalidParameterError(
-                f"scorer {params.effective_scorer!r} needs the queries of the last step, which "
-                "this engine does not keep yet; choose another scorer",
-                param="scorer",
-            )
-        return params
-
     def add_request(
         self,
         prompt: str | list[int],
@@ -144,7 +131,7 @@ class LLMEngine(EngineAnalysis):
         context that was compressed without seeing it.
         """
         sampling = sampling or SamplingParams()
-        params = self._request_params(compression)
+        params = self.resolve_compression(compression)
         token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not token_ids:
             raise InvalidParameterError("the prompt is empty", param="prompt")
@@ -477,6 +464,7 @@ class LLMEngine(EngineAnalysis):
             prefill_seconds=self.prefill_seconds,
             decode_seconds=self.decode_seconds,
             blocks_shared=sum(r.blocks_shared for r in ranks),
+            blocks_distinct=sum(r.blocks_distinct for r in ranks),
             ranks=tuple(ranks) if self.ranks else (),
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -9,6 +10,8 @@ import torch
 
 from kvcompress.attention.metadata import build_metadata
 from kvcompress.cache import PagedKVCache
+from kvcompress.compress import MetricConfig
+from kvcompress.engine.last_queries import LastQueries
 from kvcompress.engine.logprobs import TokenLogprob, score_positions
 from kvcompress.engine.sequence import Sequence
 
@@ -21,10 +24,24 @@ class RunnerOutput(NamedTuple):
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache: PagedKVCache,
+        device: torch.device,
+        metric: MetricConfig | None = None,
+    ) -> None:
         self.model = model
         self.cache = cache
         self.device = device
+        # How sequences collect the metric unless their request says otherwise.
+        self.metric = metric or MetricConfig()
+        mc = model.config
+        # The query heads this model computes: a tensor-parallel shard's own.
+        heads = len(model.shard.layout.q_heads)
+        self.last_queries = LastQueries(
+            cache.config.max_seqs, mc.num_layers, heads, mc.head_dim, device
+        )
 
     @torch.inference_mode()
     def run(
@@ -47,23 +64,31 @@ class ModelRunner:
         # 0: the sequence collects no metric (its policy does not score by it, or it will
         # not compress again), so a batch without collectors takes the fused decode path.
         powers = [seq.compression.power if seq.collects_metric else 0 for seq in seqs]
+        settings = [seq.compression.metric_settings(self.metric) for seq in seqs]
+        buffers = [m.collection_buffer for m in settings]
         slots = [seq.slot for seq in seqs]
         computed = [seq.num_computed for seq in seqs]
+        # Flat index of each sequence's last token of the step.
+        ends = list(itertools.accumulate(num_tokens, initial=-1))[1:]
+        # One host-to-device copy for the per-sequence values.
+        values = [slots, num_tokens, powers, buffers]
         if num_decode == len(seqs):
-            last = [seq.last_token for seq in seqs]
-            per_seq = torch.tensor([slots, num_tokens, powers, last], dtype=torch.long, device=dev)
-            input_ids = per_seq[3]
+            per_seq = torch.tensor(
+                [*values, [seq.last_token for seq in seqs]], dtype=torch.long, device=dev
+            )
+            input_ids = per_seq[4]
         else:
-            # One host-to-device copy for the per-sequence values.
-            per_seq = torch.tensor([slots, num_tokens, powers], dtype=torch.long, device=dev)
+            per_seq = torch.tensor(values, dtype=torch.long, device=dev)
             ids = [seq.last_token for seq in seqs[:num_decode]]
             for seq, start, n in zip(
                 seqs[num_decode:], computed[num_decode:], num_tokens[num_decode:], strict=True
             ):
                 ids.extend(seq.token_slice(start, start + n))
             input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        seq_slots, counts, metric_power = per_seq[0], per_seq[1], per_seq[2]
+        seq_slots, counts, metric_power, collection_buffer = per_seq[:4]
         plan = self.cache.prepare_append(seq_slots, counts)
+        keep = [i for i, seq in enumerate(seqs) if seq.keeps_last_query]
+        capture = self.last_queries.capture([ends[i] for i in keep], [slots[i] for i in keep])
         meta = build_metadata(
             self.cache,
             seq_slots=seq_slots,
@@ -72,15 +97,14 @@ class ModelRunner:
             num_decode=num_decode,
             computed=computed,
             metric_powers=powers,
+            metric_settings=settings,
             metric_power=metric_power,
+            collection_buffer=collection_buffer,
+            capture=capture,
         )
         hidden = self.model(input_ids, plan.positions, meta)
         scored = self._score_prompts(seqs, num_tokens, computed, hidden, prompt_logprobs or {})
         if len(sample) != len(seqs) or num_decode != len(seqs):
-            ends, total = [], 0
-            for n in num_tokens:
-                total += n
-                ends.append(total - 1)
             hidden = hidden[torch.tensor([ends[i] for i in sample], dtype=torch.long, device=dev)]
         return RunnerOutput(self.model.compute_logits(hidden), scored)
 

@@ -107,6 +107,7 @@ class RankBlocks(NamedTuple):
     blocks_held: int
     blocks_peak: int
     blocks_shared: int
+    blocks_distinct: int
     kvs_kept: int  # by the sequences asked about
 
     @classmethod
@@ -114,14 +115,17 @@ class RankBlocks(NamedTuple):
         rows = cache.block_tables[:, slots]
         refs = rows[rows >= 0]
         held = int(refs.numel())
+        # References to blocks that other references share (forks of n > 1 requests).
+        multi = cache.pool.refcount[refs] > 1
+        shared = int(multi.sum()) if held else 0
         return cls(
             rank=rank,
             blocks_total=cache.num_blocks,
             blocks_free=cache.num_free_blocks,
             blocks_held=held,
             blocks_peak=cache.pool.peak_used,
-            # References to blocks that other references share (forks of n > 1 requests).
-            blocks_shared=int((cache.pool.refcount[refs] > 1).sum()) if held else 0,
+            blocks_shared=shared,
+            blocks_distinct=held - shared + (int(refs[multi].unique().numel()) if shared else 0),
             kvs_kept=int(cache.context_lens[:, slots].sum()) if slots else 0,
         )
 
@@ -148,6 +152,9 @@ class EngineStats(NamedTuple):
     # Of ``blocks_held``, the table references to blocks referenced more than once (forks of
     # an n > 1 request share their prompt): ``blocks_used`` (physical) <= ``blocks_held``.
     blocks_shared: int = 0
+    # Distinct blocks the tables reference (``blocks_held`` counts a shared block once per
+    # table): the pool's used blocks minus these are leaked.
+    blocks_distinct: int = 0
     # Under tensor parallelism, each rank's blocks; the block and KV counts above are their
     # sums (``blocks_peak``: the sum of each rank's high-water mark). Empty on one device.
     ranks: tuple[RankBlocks, ...] = ()
@@ -155,6 +162,10 @@ class EngineStats(NamedTuple):
     @property
     def blocks_used(self) -> int:
         return self.blocks_total - self.blocks_free
+
+    @property
+    def blocks_leaked(self) -> int:
+        return self.blocks_used - self.blocks_distinct
 
 
 class Capacity(NamedTuple):

@@ -22,8 +22,9 @@ from typing import NamedTuple
 import torch
 
 from kvcompress.cache import PagedKVCache
-from kvcompress.compress import Compressor
+from kvcompress.compress import Compressor, ScorerInputs
 from kvcompress.engine.config import EngineConfig
+from kvcompress.engine.last_queries import LastQueries
 from kvcompress.engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
@@ -46,10 +47,18 @@ class ScheduledBatch(NamedTuple):
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, cache: PagedKVCache, compressor: Compressor) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        cache: PagedKVCache,
+        compressor: Compressor,
+        last_queries: LastQueries | None = None,
+    ) -> None:
         self.config = config
         self.cache = cache
         self.compressor = compressor
+        # The newest queries the backend kept, for scorers that read them (last-query).
+        self.last_queries = last_queries
         self.chunk_size = config.chunk_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
@@ -230,13 +239,22 @@ class Scheduler:
         seqs = [s for s in seqs if s.may_compress and s.slot is not None]
         if not seqs:
             return False
-        stats = self.compressor.compress([s.slot for s in seqs], [s.compression for s in seqs])
+        stats = self.compressor.compress(
+            [s.slot for s in seqs], [s.compression for s in seqs], self._scorer_inputs(seqs)
+        )
         self.compression_passes += 1
         self.compression_seconds += stats.seconds
         for seq in seqs:
             seq.compressions += 1
             seq.steps_since_compression = 0
         return stats.blocks_freed > 0
+
+    def _scorer_inputs(self, seqs: list[Sequence]) -> ScorerInputs | None:
+        """What the sequences' scorers need from the engine: the newest queries, when one
+        of them reads them (rows of the others are never read)."""
+        if self.last_queries is None or not any(s.keeps_last_query for s in seqs):
+            return None
+        return ScorerInputs(last_queries=self.last_queries.get([s.slot for s in seqs]))
 
     def after_step(self, batch: ScheduledBatch) -> None:
         """Compression triggers: after every prefill chunk (the last one included), and
@@ -267,6 +285,8 @@ class Scheduler:
             child.prefilled = True
             child.compressions = parent.compressions
             child.steps_since_compression = parent.steps_since_compression
+            if self.last_queries is not None and child.keeps_last_query:
+                self.last_queries.copy(parent.slot, child.slot)
             if not child.finished:  # one that stopped at its first token only reports
                 child.status = SequenceStatus.RUNNING
                 self.running.append(child)

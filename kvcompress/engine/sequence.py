@@ -154,3 +154,9 @@ class Sequence:
         let their batch take the fused decode path.
         """
         return self.compression.uses_metric and self.may_compress
+
+    @property
+    def keeps_last_query(self) -> bool:
+        """Whether the backend must keep the query of this sequence's newest token: its
+        scorer reads it (``last-query``) and a later compression will score."""
+        return "last_queries" in self.compression.scorer_requires and self.may_compress

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from kvcompress.attention import make_backend
 from kvcompress.cache import CacheConfig, PagedKVCache
 from kvcompress.cache.paged_cache import CacheAudit
-from kvcompress.compress import AllGatherExchange, CompressionParams, Compressor
+from kvcompress.compress import AllGatherExchange, CompressionParams, Compressor, ScorerInputs
 from kvcompress.engine.config import EngineConfig
 from kvcompress.engine.model_runner import ModelRunner
 from kvcompress.engine.outputs import KVStats, RankBlocks
@@ -62,7 +62,7 @@ def build_rank(
         max_model_len=max_model_len,
     )
     cache = PagedKVCache(cache_config)
-    backend = make_backend(config.attention_backend, cache, config.metric)
+    backend = make_backend(config.attention_backend, cache)
     loaded.model.set_attention_backend(backend)
     exchange = None
     if tp is not None and tp.size > 1:
@@ -78,22 +78,22 @@ def build_rank(
         metric_config=config.metric,
         exchange=exchange,
     )
-    return Rank(
-        loaded, cache, backend, compressor, ModelRunner(loaded.model, cache, device), max_model_len
-    )
+    runner = ModelRunner(loaded.model, cache, device, config.metric)
+    return Rank(loaded, cache, backend, compressor, runner, max_model_len)
 
 
 @dataclass
 class PlannedSeq:
     """What a rank needs of one scheduled sequence to run its step (the runner reads these
     attributes of a :class:`~kvcompress.engine.sequence.Sequence`): its slot, the tokens it
-    feeds, and whether it collects the metric."""
+    feeds, what it collects (the metric, its newest query)."""
 
     slot: int
     num_computed: int
     tokens: list[int]  # fed this step: the last token of a decode, or a chunk
     compression: CompressionParams
     collects_metric: bool
+    keeps_last_query: bool
 
     @property
     def last_token(self) -> int:
@@ -122,6 +122,8 @@ class RankWorker:
                 slot = cache.allocate_seq()
             elif op == "fork_seq":
                 slot = cache.fork_seq(args[0])
+                # A fork starts from its parent's newest query (unread unless it needs it).
+                self.rank.runner.last_queries.copy(args[0], slot)
             else:
                 cache.free_seq(args[0])
                 continue
@@ -134,7 +136,11 @@ class RankWorker:
         self.rank.runner.run(plan, num_tokens, num_decode, [])
 
     def compress(self, slots: list[int], params: list[CompressionParams]) -> Any:
-        return self.rank.compressor.compress(slots, params)
+        # Scorers that read the newest queries read this rank's: its query heads.
+        inputs = None
+        if any("last_queries" in p.scorer_requires for p in params):
+            inputs = ScorerInputs(last_queries=self.rank.runner.last_queries.get(slots))
+        return self.rank.compressor.compress(slots, params, inputs)
 
     # ------------------------------------------------------------- block accounting
     def _reduce(self, value: int, op: Any) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from kvcompress.compress import CompressionParams, MetricConfig, compression_fields
+from kvcompress.compress import CompressionParams, compression_fields
 from kvcompress.engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
 from kvcompress.errors import InvalidParameterError
 
@@ -17,17 +17,16 @@ Messages = list[dict[str, str]]
 
 
 def _split_options(model: str | None, options: dict[str, Any]) -> EngineConfig:
-    """EngineConfig from flat keyword options: engine fields, metric fields (``window_size``,
-    ``pool_kernel``, ``collection_buffer``) and compression fields (``policy``,
-    ``compression_rate``, ...), each with its own class's defaults."""
+    """EngineConfig from flat keyword options: engine fields and compression fields
+    (``policy``, ``compression_rate``, ``pool_kernel``, ...), each with its own class's
+    defaults."""
     engine_names = {f.name for f in dataclasses.fields(EngineConfig)} - {"compression", "metric"}
-    metric_names = {f.name for f in dataclasses.fields(MetricConfig)}
     compression_names = {spec.name for spec in compression_fields()}
-    unknown = set(options) - engine_names - metric_names - compression_names
+    unknown = set(options) - engine_names - compression_names
     if unknown:
         raise TypeError(
-            f"LLM() got unknown option(s) {sorted(unknown)}; it takes EngineConfig, "
-            "MetricConfig and CompressionParams fields"
+            f"LLM() got unknown option(s) {sorted(unknown)}; it takes EngineConfig and "
+            "CompressionParams fields"
         )
 
     def pick(names: set[str]) -> dict[str, Any]:
@@ -37,7 +36,6 @@ def _split_options(model: str | None, options: dict[str, Any]) -> EngineConfig:
         model=model,
         **pick(engine_names),
         compression=CompressionParams(**pick(compression_names)),
-        metric=MetricConfig(**pick(metric_names)),
     )
 
 
@@ -45,12 +43,11 @@ class LLM:
     """Generate with a model on a compressed, paged per-head KV cache.
 
     Keyword options are the fields of :class:`~kvcompress.engine.EngineConfig`
-    (``kv_cache_memory``, ``block_size``, ``max_num_seqs``, ``device``, ...), of
-    :class:`~kvcompress.compress.MetricConfig` (``window_size``, ``pool_kernel``,
-    ``collection_buffer``) and of :class:`~kvcompress.compress.CompressionParams`
-    (``policy``, ``compression_rate``, ``max_cache_tokens``, ``protected_window``, ...). The
-    compression fields set the defaults of every request; a request's own ``compression``
-    overrides the fields it gives.
+    (``kv_cache_memory``, ``block_size``, ``max_num_seqs``, ``device``, ...) and of
+    :class:`~kvcompress.compress.CompressionParams` (``policy``, ``compression_rate``,
+    ``max_cache_tokens``, ``protected_window``, the metric settings ``pool_kernel``,
+    ``window_size`` and ``collection_buffer``, ...). The compression fields set the defaults
+    of every request; a request's own ``compression`` overrides the fields it gives.
     """
 
     def __init__(self, model: str | None = None, **options: Any) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvcompress.attention import TorchAttentionBackend
-from kvcompress.attention.metadata import build_metadata
+from kvcompress.attention.metadata import QueryCapture, build_metadata
 from kvcompress.cache import CacheConfig, PagedKVCache
 from kvcompress.compress import MetricConfig
 
@@ -51,7 +51,8 @@ def prefilled(lengths: list[int], gen: torch.Generator):
     return cache, slots
 
 
-def decode_step(cache, backend, slots, powers, gen):
+def decode_step(cache, backend, slots, powers, gen, buffers=None, capture=None):
+    """One decode step of every sequence; ``buffers[i]``: sequence i's collection buffer."""
     seq_slots = torch.tensor(slots)
     plan = cache.prepare_append(seq_slots, torch.ones(len(slots), dtype=torch.long))
     meta = build_metadata(
@@ -62,6 +63,8 @@ def decode_step(cache, backend, slots, powers, gen):
         num_decode=len(slots),
         computed=[0] * len(slots),
         metric_powers=powers,
+        metric_settings=[MetricConfig(collection_buffer=b) for b in buffers or [0] * len(slots)],
+        capture=capture,
     )
     lens = cache.context_lens[:, seq_slots]
     uniform = bool((lens == lens.max()).all())
@@ -82,18 +85,20 @@ def decode_step(cache, backend, slots, powers, gen):
     ids=["compressed-head", "ragged", "uniform"],
 )
 @pytest.mark.parametrize("powers", [[0, 0], [2, 0], [1, 2]], ids=["fused", "l2+none", "l1+l2"])
-@pytest.mark.parametrize("buffer", [0, 3], ids=["no-buffer", "buffer"])
+@pytest.mark.parametrize(
+    "buffers", [[0, 0], [3, 3], [3, 0]], ids=["no-buffer", "buffer", "mixed-buffers"]
+)
 def test_decode_matches_dense_attention_and_accumulates_the_metric(
-    powers, lengths, shrink, buffer
+    powers, lengths, shrink, buffers
 ) -> None:
     gen = torch.Generator().manual_seed(0)
     cache, slots = prefilled(lengths, gen)
     if shrink:
         # One head holds fewer KVs than its neighbours (as after a per-head compression).
         cache.context_lens[1, slots[0], 0] = 3
-    backend = TorchAttentionBackend(cache, MetricConfig(collection_buffer=buffer))
+    backend = TorchAttentionBackend(cache)
     metric_before = cache.metric.clone()
-    outs, qs = decode_step(cache, backend, slots, powers, gen)
+    outs, qs = decode_step(cache, backend, slots, powers, gen, buffers)
 
     group = Q_HEADS // KV_HEADS
     expected_metric = metric_before.view(-1).clone()
@@ -107,9 +112,10 @@ def test_decode_matches_dense_attention_and_accumulates_the_metric(
                 got = outs[layer][i, h * group : (h + 1) * group]
                 torch.testing.assert_close(got, probs @ values, atol=1e-5, rtol=1e-5)
                 if powers[i]:
-                    # Query-key pairs closer than the collection buffer are not counted.
+                    # Query-key pairs closer than the sequence's own collection buffer are
+                    # not counted.
                     current = int(cache.seq_lens[slot]) - 1
-                    far = (current - cache.position.view(-1)[flat]) >= buffer
+                    far = (current - cache.position.view(-1)[flat]) >= buffers[i]
                     expected_metric[flat] += (probs ** powers[i]).sum(0) * far
     torch.testing.assert_close(cache.metric.view(-1), expected_metric, atol=1e-6, rtol=1e-5)
 
@@ -178,8 +184,12 @@ def test_layers_build_no_tensors_and_never_sync(monkeypatch) -> None:
             return real_forward(*args, **kwargs)
 
     backend.forward = guarded
+    store = torch.zeros(4, LAYERS, Q_HEADS, D)
+    capture = QueryCapture(torch.tensor([1]), torch.tensor([slots[1]]), store)
     for powers in ([0, 0], [2, 1]):
         decode_step(cache, backend, slots, powers, gen)
+    # Per-sequence buffers and a query capture add no sync either.
+    decode_step(cache, backend, slots, [2, 1], gen, buffers=[3, 0], capture=capture)
 
 
 def test_metadata_zeroes_the_power_of_sequences_that_collect_nothing() -> None:

@@ -41,8 +41,10 @@ def _meta(
     is_prefill: bool,
     powers: list[int],
     collect: list[bool],
+    metrics: list[MetricConfig] | None = None,
 ) -> AttentionMetadata:
-    """Append room for the step and build its metadata as ``ModelRunner.run`` does.
+    """Append room for the step and build its metadata as ``ModelRunner.run`` does;
+    ``metrics[i]``: how sequence i collects its metric.
 
     The ONE place these tests build metadata: if ``AttentionMetadata`` changes, adapt here.
     """
@@ -56,6 +58,7 @@ def _meta(
         num_decode=0 if is_prefill else len(seq_slots),
         computed=[0] * len(seq_slots),
         metric_powers=[p if c else 0 for p, c in zip(powers, collect, strict=True)],
+        metric_settings=metrics,
     )
 
 
@@ -90,17 +93,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 
 
 # --------------------------------------------------------------------------- prefill
+SETTINGS = MetricConfig(window_size=3, pool_kernel=3)
+# Another request's settings: a wider window and pooling, a collection buffer.
+OTHER_SETTINGS = MetricConfig(window_size=4, pool_kernel=5, collection_buffer=1)
+
+
 @pytest.mark.parametrize(("collect", "powers"), [([True, True], [2, 1]), ([False, True], [2, 2])])
-def test_prefill_writes_the_window_metric_into_each_heads_own_slots(collect, powers):
+@pytest.mark.parametrize("lens", [[7, 5], [6, 6]], ids=["ragged", "equal"])
+@pytest.mark.parametrize(
+    "configs", [[SETTINGS, SETTINGS], [SETTINGS, OTHER_SETTINGS]], ids=["same", "mixed"]
+)
+def test_prefill_writes_the_window_metric_into_each_heads_own_slots(collect, powers, lens, configs):
+    """Each sequence gets the metric of its own settings, as if it ran alone (mixed)."""
     gen = torch.Generator().manual_seed(0)
     cache = make_cache()
-    config = MetricConfig(window_size=3, pool_kernel=3)
-    backend = TorchAttentionBackend(cache, config)
+    backend = TorchAttentionBackend(cache)
     fill(cache, [6], gen)  # a resident sequence whose slots must stay as they are
     cache.metric.view(-1)[:] = torch.rand(cache.metric.numel(), generator=gen)
     a, b = cache.allocate_seq(), cache.allocate_seq()
-    lens = [7, 5]
-    meta = _meta(cache, [a, b], lens, True, powers, collect)
+    meta = _meta(cache, [a, b], lens, True, powers, collect, configs)
     slots = meta.append.slots
     for layer in range(L):
         expected = cache.metric.clone()
@@ -112,8 +123,8 @@ def test_prefill_writes_the_window_metric_into_each_heads_own_slots(collect, pow
             end = start + n
             qs, ks, vs = q[start:end], k[start:end], v[start:end]
             if collect[i]:
-                w = min(config.window_size, n)
-                m = window_metric(qs[n - w :].transpose(0, 1), ks, D**-0.5, powers[i], config)
+                w = min(configs[i].window_size, n)
+                m = window_metric(qs[n - w :].transpose(0, 1), ks, D**-0.5, powers[i], configs[i])
                 expected.view(-1)[slots[layer, :, start:end].reshape(-1)] = m.reshape(-1)
             # Output: causal attention within the sequence, each query head on its KV head.
             for t in range(n):
@@ -133,7 +144,7 @@ def test_prefill_writes_the_window_metric_into_each_heads_own_slots(collect, pow
 
 
 # --------------------------------------------------------------------------- decode
-def reference_decode(cache, meta, layer, q, k_new, v_new, pool_k, pool_v, buffer):
+def reference_decode(cache, meta, layer, q, k_new, v_new, pool_k, pool_v, buffers):
     """Output ``[B, HQ, D]`` and the metric every held KV gains, as {flat slot: value}."""
     out = torch.empty(len(meta.query_lens), HQ, D)
     gained: dict[int, float] = {}
@@ -150,7 +161,7 @@ def reference_decode(cache, meta, layer, q, k_new, v_new, pool_k, pool_v, buffer
                 contrib += p ** int(meta.decode.metric_power[b])
             if meta.decode.metric_power[b] > 0:
                 pos = cache.position.view(-1)[flat].long()
-                contrib[(current - pos) < buffer] = 0
+                contrib[(current - pos) < buffers[b]] = 0
                 for f, c in zip(flat.tolist(), contrib.tolist(), strict=True):
                     gained[f] = c
     return out, gained
@@ -158,33 +169,35 @@ def reference_decode(cache, meta, layer, q, k_new, v_new, pool_k, pool_v, buffer
 
 @pytest.mark.parametrize("compressed", [False, True])
 @pytest.mark.parametrize(
-    ("collect", "powers", "buffer"),
+    ("collect", "powers", "buffers"),
     [
-        ([True, False, True], [2, 2, 1], 0),
-        ([False, True, True], [1, 2, 2], 3),
-        ([False, False, False], [2, 2, 2], 0),  # the fused path: no probabilities at all
+        ([True, False, True], [2, 2, 1], [0, 0, 0]),
+        ([False, True, True], [1, 2, 2], [3, 3, 3]),
+        ([True, True, True], [2, 1, 2], [0, 3, 5]),  # each sequence its own buffer
+        ([False, False, False], [2, 2, 2], [0, 0, 0]),  # the fused path: no probabilities
     ],
 )
 def test_decode_adds_each_steps_probabilities_to_exactly_the_attended_slots(
-    compressed, collect, powers, buffer
+    compressed, collect, powers, buffers
 ):
     gen = torch.Generator().manual_seed(1)
     cache = make_cache()
-    backend = TorchAttentionBackend(cache, MetricConfig(collection_buffer=buffer))
+    backend = TorchAttentionBackend(cache)
     slots, _ = fill(cache, [9, 17, 4], gen)
     if compressed:  # heads of different lengths, stale KVs past them
         Compressor(cache).compress(
             slots,
             [CompressionParams(compression_rate=3.0, protected_window=2, min_cache_tokens=0)] * 3,
         )
-    meta = _meta(cache, slots, [1, 1, 1], False, powers, collect)
+    metrics = [MetricConfig(collection_buffer=b) for b in buffers]
+    meta = _meta(cache, slots, [1, 1, 1], False, powers, collect, metrics)
     for layer in range(L):
         before = cache.metric.clone()
         pool_k, pool_v = cache.k_pool.view(-1, D).clone(), cache.v_pool.view(-1, D).clone()
         q = torch.randn(3, HQ, D, generator=gen)
         k, v = torch.randn(2, 3, H, D, generator=gen)
         out = backend.forward(layer, q, k, v, meta)
-        ref_out, gained = reference_decode(cache, meta, layer, q, k, v, pool_k, pool_v, buffer)
+        ref_out, gained = reference_decode(cache, meta, layer, q, k, v, pool_k, pool_v, buffers)
         torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=0)
         expected = before.view(-1).clone()
         for f, c in gained.items():
@@ -236,11 +249,12 @@ def test_decode_after_compaction_attends_to_exactly_the_kept_kvs(collect):
 
 
 # --------------------------------------------------------------------------- chunks
-def reference_chunk(q, k_new, v_new, old_k, old_v, old_pos, old_metric, start_pos, power, config):
+def reference_chunk(q, k_new, v_new, old_k, old_v, old_pos, start_pos, power, config):
     """One KV head's chunk against the head's older KVs, from first principles.
 
     ``q [n, G, D]``; ``old_* [m, ...]``. Returns the output ``[n, G, D]``, the older KVs'
-    metric after the chunk ``[m]`` and the new KVs' metric ``[n]``.
+    metric after the chunk ``[m]`` (the window's alone: it replaces what they held) and the
+    new KVs' metric ``[n]``.
     """
     n, m = q.shape[0], old_k.shape[0]
     out = torch.empty(n, G, D)
@@ -265,69 +279,86 @@ def reference_chunk(q, k_new, v_new, old_k, old_v, old_pos, old_metric, start_po
         fresh = torch.nn.functional.max_pool1d(fresh.view(1, 1, n), config.pool_kernel, 1, pad)
         gained_old += per_query_head[:m]
         gained_new += fresh.view(n)
-    return out, old_metric + gained_old, gained_new
+    return out, gained_old, gained_new
+
+
+CHUNK_SETTINGS = [
+    MetricConfig(window_size=3, pool_kernel=3),
+    MetricConfig(window_size=8, pool_kernel=1, collection_buffer=2),  # window > chunk
+]
 
 
 @pytest.mark.parametrize("power", [2, 1])
-@pytest.mark.parametrize(
-    "config",
-    [
-        MetricConfig(window_size=3, pool_kernel=3),
-        MetricConfig(window_size=8, pool_kernel=1, collection_buffer=2),  # window > chunk
-    ],
-    ids=["window-inside-chunk", "window-past-chunk-start"],
-)
-def test_a_chunk_attends_to_each_heads_compressed_kvs_and_itself_beside_a_decode(power, config):
+@pytest.mark.parametrize("first", [0, 1], ids=["window-inside-chunk", "window-past-chunk-start"])
+def test_chunks_attend_to_each_heads_compressed_kvs_and_themselves_beside_a_decode(power, first):
+    """Two chunks with different metric settings in one step: each gets its own metric."""
     gen = torch.Generator().manual_seed(7)
     cache = make_cache()
-    backend = TorchAttentionBackend(cache, config)
-    (a, b), _ = fill(cache, [5, 17], gen)
-    # Compress b so its heads hold different KVs, not in position order.
+    backend = TorchAttentionBackend(cache)
+    (a, b, c), _ = fill(cache, [5, 17, 12], gen)
+    configs = {b: CHUNK_SETTINGS[first], c: CHUNK_SETTINGS[1 - first]}
+    # Compress b and c so their heads hold different KVs, not in position order.
     params = CompressionParams(max_cache_tokens=6, protected_window=1, min_cache_tokens=0)
-    Compressor(cache).compress([b], [params])
+    Compressor(cache).compress([b, c], [params, params])
     lens_b = cache.context_lens[:, b].clone()
     assert len(set(lens_b.view(-1).tolist())) > 1, "heads should hold different counts"
-    n = 5
-    old = {(layer, h): held_slots(cache, layer, b, h) for layer in range(L) for h in range(H)}
-    snapshot = (cache.k_pool.clone(), cache.v_pool.clone(), cache.metric.clone())
+    held_before = {s: int(cache.seq_lens[s]) for s in (b, c)}
+    n = {b: 5, c: 4}
+    old = {
+        (s, layer, h): held_slots(cache, layer, s, h)
+        for s in (b, c)
+        for layer in range(L)
+        for h in range(H)
+    }
+    cache.metric.uniform_(1.0, 2.0, generator=gen)  # stale metric the windows must replace
+    snapshot = (cache.k_pool.clone(), cache.v_pool.clone())
     old_pos = cache.position.clone()
-    slots = torch.tensor([a, b])
-    plan = cache.prepare_append(slots, torch.tensor([1, n]))
+    slots = torch.tensor([a, b, c])
+    plan = cache.prepare_append(slots, torch.tensor([1, n[b], n[c]]))
     meta = build_metadata(
         cache,
         seq_slots=slots,
         append=plan,
-        query_lens=[1, n],
+        query_lens=[1, n[b], n[c]],
         num_decode=1,
-        computed=[5, 17],
-        metric_powers=[0, power],
+        computed=[5, 17, 12],
+        metric_powers=[0, power, power],
+        metric_settings=[MetricConfig(), configs[b], configs[c]],
     )
-    assert meta.chunks[0].history is not None and meta.decode is not None
-    pool_k, pool_v, metric_before = snapshot
+    assert all(chunk.history is not None for chunk in meta.chunks) and meta.decode is not None
+    pool_k, pool_v = snapshot
+    rows = {b: slice(1, 1 + n[b]), c: slice(1 + n[b], 1 + n[b] + n[c])}
+    total = 1 + n[b] + n[c]
     for layer in range(L):
-        q = torch.randn(1 + n, HQ, D, generator=gen)
-        k, v = torch.randn(2, 1 + n, H, D, generator=gen)
+        q = torch.randn(total, HQ, D, generator=gen)
+        k, v = torch.randn(2, total, H, D, generator=gen)
         out = backend.forward(layer, q, k, v, meta)
+        for s in (b, c):
+            r = rows[s]
+            for h in range(H):
+                flat = old[(s, layer, h)]
+                got_out, got_old, got_new = reference_chunk(
+                    q[r, h * G : (h + 1) * G],
+                    k[r, h],
+                    v[r, h],
+                    pool_k.view(-1, D)[flat],
+                    pool_v.view(-1, D)[flat],
+                    old_pos.view(-1)[flat],
+                    held_before[s],
+                    power,
+                    configs[s],
+                )
+                torch.testing.assert_close(
+                    out[r, h * G : (h + 1) * G], got_out, atol=ATOL, rtol=1e-5
+                )
+                torch.testing.assert_close(
+                    cache.metric.view(-1)[flat], got_old, atol=ATOL, rtol=1e-5
+                )
+                new_slots = plan.slots[layer, h, r]
+                torch.testing.assert_close(
+                    cache.metric.view(-1)[new_slots], got_new, atol=ATOL, rtol=1e-5
+                )
         for h in range(H):
-            flat = old[(layer, h)]
-            got_out, got_old, got_new = reference_chunk(
-                q[1:, h * G : (h + 1) * G],
-                k[1:, h],
-                v[1:, h],
-                pool_k.view(-1, D)[flat],
-                pool_v.view(-1, D)[flat],
-                old_pos.view(-1)[flat],
-                metric_before.view(-1)[flat],
-                17,
-                power,
-                config,
-            )
-            torch.testing.assert_close(out[1:, h * G : (h + 1) * G], got_out, atol=ATOL, rtol=1e-5)
-            torch.testing.assert_close(cache.metric.view(-1)[flat], got_old, atol=ATOL, rtol=1e-5)
-            new_slots = plan.slots[layer, h, 1:]
-            torch.testing.assert_close(
-                cache.metric.view(-1)[new_slots], got_new, atol=ATOL, rtol=1e-5
-            )
             # The decode row attends to its own head's KVs only.
             keys = torch.cat([pool_k.view(-1, D)[held_slots(cache, layer, a, h)[:-1]], k[:1, h]])
             values = torch.cat([pool_v.view(-1, D)[held_slots(cache, layer, a, h)[:-1]], v[:1, h]])

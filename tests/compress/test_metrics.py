@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kvcompress.compress import MetricConfig, decode_metric, window_metric
+from kvcompress.errors import InvalidParameterError
 
 
 def naive_window_metric(q, k, scale, power, buffer, kernel):
@@ -48,10 +49,17 @@ def test_decode_metric_squares_and_sums_the_group():
     assert out.tolist() == [[[1.25, 0.25]], [[1.5, 0.5]]]
 
 
-def test_metric_config_validation():
-    with pytest.raises(ValueError):
-        MetricConfig(window_size=0)
-    with pytest.raises(ValueError):
-        MetricConfig(pool_kernel=4)
-    with pytest.raises(ValueError):
-        MetricConfig(collection_buffer=-1)
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        (dict(window_size=0), "window_size"),
+        (dict(pool_kernel=4), "pool_kernel"),
+        (dict(pool_kernel=True), "pool_kernel"),
+        (dict(collection_buffer=-1), "collection_buffer"),
+        (dict(collection_buffer=1.5), "collection_buffer"),
+    ],
+)
+def test_metric_config_validation_names_the_setting(kwargs, param):
+    with pytest.raises(InvalidParameterError) as err:
+        MetricConfig(**kwargs)
+    assert err.value.param == param

@@ -16,6 +16,9 @@ from kvcompress.compress import CompressionParams
         (dict(sinks=-2), "sinks"),
         (dict(metric="l3-sum"), "metric"),
         (dict(compression_interval=0), "compression_interval"),
+        (dict(window_size=0), "window_size"),
+        (dict(pool_kernel=20), "pool_kernel"),
+        (dict(collection_buffer=-1), "collection_buffer"),
     ],
 )
 def test_bad_params_are_rejected_with_a_reason(kwargs, match):
@@ -73,6 +76,8 @@ def test_with_overrides_keeps_what_is_not_given_and_clears_what_is_none():
         ({"sinks": "2"}, "sinks", "integer"),
         ({"compress_once": 1}, "compress_once", "boolean"),
         ({"compression_rate": True}, "compression_rate", "number"),
+        ({"pool_kernel": 8}, "pool_kernel", "odd"),
+        ({"window_size": "8"}, "window_size", "integer"),
     ],
 )
 def test_bad_overrides_name_their_field(overrides, param, match):
@@ -93,5 +98,25 @@ def test_the_schema_lists_every_field_with_its_default_and_help():
         assert getattr(defaults, spec.name) == spec.default and spec.help
         assert spec.type in (int, float, str, bool)
     nullable = {s.name for s in specs if s.nullable}
-    assert nullable == {"compression_rate", "max_cache_tokens", "compression_interval"}
+    assert nullable == {
+        "compression_rate",
+        "max_cache_tokens",
+        "compression_interval",
+        "window_size",
+        "pool_kernel",
+        "collection_buffer",
+    }
     assert CompressionParams(compression_rate=2).to_dict()["compression_rate"] == 2
+
+
+def test_metric_settings_are_the_requests_own_over_the_engines():
+    from kvcompress.compress import MetricConfig
+
+    engine = MetricConfig(window_size=16, pool_kernel=3, collection_buffer=2)
+    # A request that gives none collects as the engine does (the very object).
+    assert CompressionParams().metric_settings(engine) is engine
+    own = CompressionParams(pool_kernel=21, collection_buffer=0).metric_settings(engine)
+    assert own == MetricConfig(window_size=16, pool_kernel=21, collection_buffer=0)
+    # null clears a default request setting back to the engine's.
+    defaults = CompressionParams(pool_kernel=21)
+    assert defaults.with_overrides(pool_kernel=None).metric_settings(engine) is engine

@@ -14,6 +14,7 @@ from kvcompress.compress import (
     SCORERS,
     CompressionParams,
     Compressor,
+    MetricConfig,
     ScorerInputs,
     expected_attention,
     last_query_attention,
@@ -92,6 +93,27 @@ def test_avg_divides_by_the_window_not_by_every_later_query():
         # 32 window queries saw every prompt KV up to position 58; then the 10 decode steps.
         expected = 32 + 10 if pos <= 58 else (90 - pos) + 10 if pos < 90 else 100 - pos
         assert scores[0, HEADS, i].item() == pytest.approx(metric / expected)
+
+
+def test_avg_divisor_follows_each_requests_own_window_and_buffer():
+    """One pass, two sequences: each divides by the queries ITS settings let add; a request
+    that gives none uses the compressor's engine-wide MetricConfig."""
+    cache, a = make_cache(100)
+    b = cache.allocate_seq()
+    plan = cache.prepare_append(torch.tensor([b]), torch.tensor([100]))
+    cache.metric.view(-1)[plan.slots.reshape(-1)] = 1.0
+    params = [
+        CompressionParams(metric="l1-avg", protected_window=0, window_size=8, collection_buffer=2),
+        CompressionParams(metric="l1-avg", protected_window=0),
+    ]
+    comp = Compressor(cache, metric_config=MetricConfig(window_size=16))
+    view = cache.head_view(torch.tensor([a, b]))
+    scores = comp.scores(torch.tensor([a, b]), view, params)
+    for row, (slot, w, buffer) in enumerate([(a, 8, 2), (b, 16, 0)]):
+        for i, pos, metric in head_contents(cache, slot, 0, 1):
+            seen = queries_counted(pos, 100, 100, w, buffer)
+            expected = metric / max(seen, 1)
+            assert scores[row, 1, i].item() == pytest.approx(expected)
 
 
 # --- the rule: which scorer ranks a request ---------------------------------------------------

@@ -32,13 +32,14 @@ def test_n4_at_rate_4_holds_one_prompt_plus_each_childs_new_blocks(engine):
     while engine.has_unfinished_requests():
         outs = engine.step()
         stats = engine.stats()
+        # Shared blocks count once: forks never look like leaks, nor hide one.
+        assert stats.blocks_leaked == 0 and stats.blocks_distinct == stats.blocks_used
         if stats.running == 4 and single is None:
             # Just forked: four tables referencing one compressed prompt.
             single = stats.blocks_held // 4
             assert stats.blocks_used == single
             assert stats.blocks_shared == stats.blocks_held
         elif stats.running == 4:
-            # Each child copied at most its partial tails and grew a block per head.
             # Each child copied at most its partial tails and grew a block per head: about
             # one prompt plus the children's new blocks, not four copies.
             assert stats.blocks_used <= single + 4 * 2 * HEADS

@@ -8,7 +8,7 @@ import torch
 
 from kvcompress.attention import TorchAttentionBackend
 from kvcompress.cache import CacheConfig, PagedKVCache
-from kvcompress.compress import CompressionParams
+from kvcompress.compress import CompressionParams, MetricConfig
 from kvcompress.engine.model_runner import ModelRunner
 from kvcompress.engine.sampling import SamplingParams
 from kvcompress.engine.sequence import Sequence
@@ -150,7 +150,12 @@ def test_every_layer_gets_the_one_metadata_of_its_step(is_prefill: bool) -> None
 
     backend.forward = recording
     params = CompressionParams(compression_rate=2, min_cache_tokens=0)
-    seqs = [Sequence(f"s{i}", [1, 2, 3, 4 + i], SamplingParams(), params) for i in range(2)]
+    # The second request collects its metric its own way; the first as the engine does.
+    own = params.with_overrides(window_size=2, pool_kernel=5, collection_buffer=1)
+    seqs = [
+        Sequence(f"s{i}", [1, 2, 3, 4 + i], SamplingParams(), p)
+        for i, p in enumerate([params, own])
+    ]
     for seq in seqs:
         seq.slot = cache.allocate_seq()
     prefill(runner, seqs)
@@ -165,12 +170,61 @@ def test_every_layer_gets_the_one_metadata_of_its_step(is_prefill: bool) -> None
     assert meta.num_decode == (0 if is_prefill else 2)
     assert meta.query_lens == ([4, 4] if is_prefill else [1, 1])
     assert (meta.decode is None) is is_prefill
+    assert meta.capture is None  # no sequence reads its newest query
+    settings = [runner.metric, MetricConfig(window_size=2, pool_kernel=5, collection_buffer=1)]
     if is_prefill:
         assert [(c.start, c.end, c.metric_power, c.history) for c in meta.chunks] == [
             (0, 4, 2, None),
             (4, 8, 2, None),
         ]
+        assert [c.metric for c in meta.chunks] == settings
     else:
         assert meta.decode.metric_power.tolist() == [2, 2] and not meta.chunks
+        assert meta.decode.collection_buffer.tolist() == [0, 1] and meta.decode.any_buffer
     if not is_prefill:
         assert meta.decode.blocks.shape[0] == layers
+
+
+def test_the_newest_query_is_kept_per_layer_for_last_query_sequences_only() -> None:
+    """In a batch of chunks, then of decodes, the kept row of a last-query sequence is the
+    query (post-RoPE, as the backend got it) of its newest token in every layer; the others
+    keep nothing."""
+    hf = _random_hf("llama-gqa-llama3-bias")
+    runner, cache = tiny_runner(hf)
+    backend = runner.model.attention_backend
+    queries: list[torch.Tensor] = []
+    real_forward = backend.forward
+
+    def recording(layer, q, k, v, meta):
+        queries.append(q.clone())
+        return real_forward(layer, q, k, v, meta)
+
+    backend.forward = recording
+    budget = dict(compression_rate=2, min_cache_tokens=0)
+    params = [
+        CompressionParams(**budget),  # window: collects the metric, keeps no query
+        CompressionParams(scorer="last-query", **budget),
+        CompressionParams(scorer="last-query"),  # no budget: will never compress
+    ]
+    seqs = [
+        Sequence(f"s{i}", list(range(1, n + 1)), SamplingParams(), p)
+        for i, (n, p) in enumerate(zip([5, 7, 6], params, strict=True))
+    ]
+    for seq in seqs:
+        seq.slot = cache.allocate_seq()
+    assert [s.keeps_last_query for s in seqs] == [False, True, False]
+    layers = hf.config.num_hidden_layers
+    prefill(runner, seqs)
+    newest = 5 + 7 - 1  # the second sequence's last prompt token in the flat batch
+    kept = runner.last_queries.get([s.slot for s in seqs])
+    assert kept.shape == (3, layers, hf.config.num_attention_heads, hf.config.head_dim)
+    for layer in range(layers):
+        torch.testing.assert_close(kept[1, layer], queries[layer][newest])
+    assert bool((kept[[0, 2]] == 0).all())
+    queries.clear()
+    for seq in seqs:
+        seq.append_token(3)
+    decode(runner, seqs)
+    kept = runner.last_queries.get([seqs[1].slot])
+    for layer in range(layers):
+        torch.testing.assert_close(kept[0, layer], queries[layer][1])

@@ -16,6 +16,7 @@ import torch
 from kvcompress.cache import CacheConfig, PagedKVCache
 from kvcompress.compress import CompressionParams, Compressor
 from kvcompress.engine.config import EngineConfig
+from kvcompress.engine.last_queries import LastQueries
 from kvcompress.engine.sampling import SamplingParams
 from kvcompress.engine.scheduler import ScheduledBatch, Scheduler
 from kvcompress.engine.sequence import Sequence, SequenceStatus
@@ -274,3 +275,32 @@ def test_a_prompt_longer_than_the_pool_is_chunked_and_compressed_as_it_goes():
     assert len(after) == len(counts)  # compressed after every chunk, the last one included
     assert kept(h.cache, long) <= 4 * LAYERS * HEADS
     assert h.sched.preemptions == 0
+
+
+def test_last_query_sequences_get_their_kept_queries_and_forks_start_from_the_parents(
+    monkeypatch,
+):
+    h = Harness(blocks=64)
+    store = LastQueries(8, LAYERS, 2 * HEADS, 2, torch.device("cpu"))
+    store.capture([0], [0])  # allocates the rows; fill each with something of its own
+    store.store[:] = torch.randn(store.shape, generator=torch.Generator().manual_seed(0))
+    h.sched.last_queries = store
+    given = []
+    real = h.spy.compress
+
+    def recording(seq_slots, params, inputs=None):
+        given.append((list(seq_slots), inputs))
+        return real(seq_slots, params, inputs)
+
+    monkeypatch.setattr(h.spy, "compress", recording)
+    params = CompressionParams(scorer="last-query", compression_rate=2, min_cache_tokens=0)
+    seq = Sequence("p", list(range(12)), SamplingParams(n=2, temperature=1.0), params)
+    h.sched.add(seq)
+    h.add("w", 10, compression_rate=2)  # a window-scored neighbour: no query of its own read
+    h.step()
+    ((slots, inputs),) = given
+    assert slots == [seq.slot, h.sched.running[1].slot]
+    assert torch.equal(inputs.last_queries, store.store[slots])
+    child = seq.child(1)
+    h.sched.fork(seq, [child])
+    assert torch.equal(store.get([child.slot]), store.get([seq.slot]))

@@ -24,7 +24,12 @@ from tests.models.test_loader import save_tokenizer
 KVCOMPRESS = CompressionParams(
     policy="kvcompress", compression_rate=4, min_cache_tokens=8, protected_window=8
 )
-SETTINGS = {"off": CompressionParams(), "kvcompress": KVCOMPRESS}
+SETTINGS = {
+    "off": CompressionParams(),
+    "kvcompress": KVCOMPRESS,
+    # Scores from each rank's own newest queries (TOVA), not from the metric.
+    "last-query": KVCOMPRESS.with_overrides(scorer="last-query"),
+}
 
 
 def tiny_llama(path: Path, num_kv_heads: int, num_heads: int) -> Path:

@@ -1,4 +1,4 @@
-"""The offline LLM: options split into engine, metric and compression configs."""
+"""The offline LLM: options split into engine and compression configs."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ def test_unknown_options_are_refused_before_loading_anything():
 def test_generate_keeps_order_and_applies_defaults_and_overrides():
     llm = LLM(kv_cache_memory="64MiB", compression_rate=4, protected_window=8, pool_kernel=5)
     engine_defaults = llm.engine.config
-    assert engine_defaults.compression == CompressionParams(compression_rate=4, protected_window=8)
-    assert engine_defaults.metric.pool_kernel == 5
+    # The metric settings are compression fields: defaults of every request, one route.
+    assert engine_defaults.compression == CompressionParams(
+        compression_rate=4, protected_window=8, pool_kernel=5
+    )
     ids = llm.tokenizer(pydoc_text()[:4000], add_special_tokens=False)["input_ids"][:300]
     sampling = SamplingParams(max_tokens=3, ignore_eos=True)
     outs = llm.generate(

@@ -39,7 +39,9 @@ class MetricSink(NamedTuple):
     position: torch.Tensor  # [num_blocks, block_size] int32: original position of each KV
     power: torch.Tensor  # [B] 0 (collects nothing), 1 or 2
     query_pos: torch.Tensor  # [B] position of each sequence's decode token
-    buffer: int = 0  # skip keys fewer than this many positions before the query
+    # [B] long: each sequence skips keys fewer than this many positions before its query;
+    # None: no sequence has a buffer (positions are not read at all).
+    buffer: torch.Tensor | None = None
 
 
 class DecodeResult(NamedTuple):
@@ -202,9 +204,9 @@ def _metric(
     Position,  # [num_blocks * BLOCK_SIZE] int32
     Power,  # [B]
     QueryPos,  # [B]
+    Buffer,  # [B] (read only when HAS_BUFFER)
     sm_scale,
     split_len,
-    buffer,
     stride_qb,
     stride_qh,
     stride_kb,
@@ -268,9 +270,9 @@ def _metric(
         contrib = tl.sum(tl.where(g_mask[:, None], p, 0.0), 0)  # [BLOCK_N]: group sum
         slot = blk * BLOCK_SIZE + within
         keep = n_mask
-        if HAS_BUFFER:
+        if HAS_BUFFER:  # this sequence's own buffer
             pos = tl.load(Position + slot, mask=n_mask, other=0)
-            keep = keep & ((query_pos - pos) >= buffer)
+            keep = keep & ((query_pos - pos) >= tl.load(Buffer + b))
         old = tl.load(Metric + slot, mask=keep, other=0.0)
         tl.store(Metric + slot, old + contrib, mask=keep)
 
@@ -365,14 +367,16 @@ def paged_decode(
     if metric is not None:
         if metric.metric.stride(-1) != 1 or not metric.metric.is_contiguous():
             raise ValueError("the metric pool must be contiguous")
+        has_buffer = metric.buffer is not None
         _metric[(B * H, ns)](
             q, k_pool, block_tables, context_lens, seq_slots, k_scale, lse,
             metric.metric, metric.position, metric.power, metric.query_pos,
-            scale, plan.split_len, metric.buffer,
+            metric.buffer if has_buffer else metric.power,
+            scale, plan.split_len,
             q.stride(0), q.stride(1),
             k_pool.stride(0), k_pool.stride(1),
             block_tables.stride(0), block_tables.stride(1),
             context_lens.stride(0), context_lens.stride(1),
-            HAS_SCALE=has_scale, HAS_BUFFER=metric.buffer > 0, num_warps=num_warps, **common,
+            HAS_SCALE=has_scale, HAS_BUFFER=has_buffer, num_warps=num_warps, **common,
         )  # fmt: skip
     return DecodeResult(out, lse, plan)

@@ -52,9 +52,14 @@ class EngineCollector(Collector):
             s.blocks_held,
         )
         yield gauge(
+            "kv_blocks_shared",
+            "Block-table references to KV blocks that several sequences share (n > 1 forks)",
+            s.blocks_shared,
+        )
+        yield gauge(
             "kv_blocks_leaked",
             "KV blocks handed out by the pool but referenced by no running request",
-            s.blocks_used - s.blocks_held,
+            s.blocks_leaked,
         )
         yield gauge("kv_block_size", "KVs per block", s.block_size)
         yield gauge("kvs_kept", "KVs kept by running requests", s.kvs_kept)

@@ -47,19 +47,23 @@ def held(pool, tables, context_lens, seq, h, scale):
     return (rows if scale is None else rows * scale[h]), flat
 
 
+# Each sequence's own collection buffer (None: no sequence has one, positions are not read).
+MIXED_BUFFERS = (3, 0, 3)
+
+
 @pytest.mark.parametrize(
-    ("bs", "group", "dim", "kv_dtype", "splits"),
+    ("bs", "group", "dim", "kv_dtype", "splits", "buffers"),
     [
-        (1, 1, 16, torch.float32, 1),
-        (8, 3, 16, torch.float32, 3),
-        (16, 4, 64, torch.bfloat16, 2),
-        (128, 8, 16, torch.float32, 1),
-        (16, 4, 16, FP8, 2),
+        (1, 1, 16, torch.float32, 1, MIXED_BUFFERS),
+        (8, 3, 16, torch.float32, 3, MIXED_BUFFERS),
+        (16, 4, 64, torch.bfloat16, 2, MIXED_BUFFERS),
+        (128, 8, 16, torch.float32, 1, None),
+        (16, 4, 16, FP8, 2, MIXED_BUFFERS),
     ],
     ids=["bs1-g1", "bs8-g3-split3", "bs16-g4-bf16-split2", "bs128-g8", "bs16-g4-fp8-split2"],
 )
 def test_paged_decode_matches_dense_attention_and_adds_the_metric(
-    bs, group, dim, kv_dtype, splits
+    bs, group, dim, kv_dtype, splits, buffers
 ) -> None:
     q, k, v, tables, context_lens, seq_slots, scales = make_case(bs, group, dim, kv_dtype)
     B = q.shape[0]
@@ -70,11 +74,17 @@ def test_paged_decode_matches_dense_attention_and_adds_the_metric(
     power = torch.tensor([2, 1, 2])
     power[2] = 0  # the third sequence collects nothing
     query_pos = torch.tensor([40, 40, 40])
-    buffer = 3
+    buffer = torch.tensor(buffers or (0, 0, 0))
     expected_metric = metric.clone().view(-1)
     dev = torch.device(DEVICE)
     moved = [t.to(dev) for t in (q, k, v, tables, context_lens, seq_slots)]
-    sink = MetricSink(metric.to(dev), position.to(dev), power.to(dev), query_pos.to(dev), buffer)
+    sink = MetricSink(
+        metric.to(dev),
+        position.to(dev),
+        power.to(dev),
+        query_pos.to(dev),
+        None if buffers is None else buffer.to(dev),
+    )
     result = paged_decode(
         *moved,
         max_len=int(context_lens.max()),
@@ -106,7 +116,7 @@ def test_paged_decode_matches_dense_attention_and_adds_the_metric(
                 result.lse[b, h * group : (h + 1) * group].cpu(), lse, atol=1e-4, rtol=1e-4
             )
             if power[b]:
-                far = (query_pos[b] - position.view(-1)[flat]) >= buffer
+                far = (query_pos[b] - position.view(-1)[flat]) >= buffer[b]
                 expected_metric[flat] += (probs ** int(power[b])).sum(0) * far
     torch.testing.assert_close(sink.metric.view(-1).cpu(), expected_metric, atol=1e-5, rtol=1e-5)
 

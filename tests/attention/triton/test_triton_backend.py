@@ -18,7 +18,7 @@ LAYERS, KV_HEADS, Q_HEADS, D, BS = 2, 2, 4, 16, 4
 LENGTHS = [7, 12]
 
 
-def run(backend_cls, kv_dtype: torch.dtype, steps: int = 2):
+def run(backend_cls, kv_dtype: torch.dtype, settings: list[MetricConfig], steps: int = 2):
     cache = PagedKVCache(
         CacheConfig(
             num_layers=LAYERS,
@@ -31,11 +31,10 @@ def run(backend_cls, kv_dtype: torch.dtype, steps: int = 2):
             max_model_len=64,
         )
     )
-    config = MetricConfig(window_size=4, collection_buffer=2, pool_kernel=3)
     if backend_cls is None:
-        backend = TorchAttentionBackend(cache, config)
+        backend = TorchAttentionBackend(cache)
     else:
-        backend = backend_cls(cache, config, block_n=16)
+        backend = backend_cls(cache, block_n=16)
     gen = torch.Generator().manual_seed(0)
     slots = torch.tensor([cache.allocate_seq() for _ in LENGTHS])
     outs = []
@@ -51,6 +50,7 @@ def run(backend_cls, kv_dtype: torch.dtype, steps: int = 2):
             num_decode=0 if prefill else len(counts),
             computed=[0] * len(counts),
             metric_powers=[2, 1],
+            metric_settings=settings,
         )
         n = sum(counts)
         for layer in range(LAYERS):
@@ -62,10 +62,23 @@ def run(backend_cls, kv_dtype: torch.dtype, steps: int = 2):
     return outs, cache
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.float32, FP8], ids=["fp32", "fp8"])
-def test_triton_backend_matches_the_torch_backend(kv_dtype) -> None:
-    expected, ref_cache = run(None, kv_dtype)
-    got, cache = run(TritonAttentionBackend, kv_dtype)
+SETTINGS = MetricConfig(window_size=4, collection_buffer=2, pool_kernel=3)
+# Another request's: its own window, pooling and (no) buffer, in the same batch.
+OTHER_SETTINGS = MetricConfig(window_size=3, collection_buffer=0, pool_kernel=5)
+
+
+@pytest.mark.parametrize(
+    ("kv_dtype", "settings"),
+    [
+        (torch.float32, [SETTINGS, SETTINGS]),
+        (torch.float32, [SETTINGS, OTHER_SETTINGS]),
+        (FP8, [SETTINGS, SETTINGS]),
+    ],
+    ids=["fp32", "fp32-mixed-settings", "fp8"],
+)
+def test_triton_backend_matches_the_torch_backend(kv_dtype, settings) -> None:
+    expected, ref_cache = run(None, kv_dtype, settings)
+    got, cache = run(TritonAttentionBackend, kv_dtype, settings)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache.metric, ref_cache.metric, atol=1e-5, rtol=1e-5)

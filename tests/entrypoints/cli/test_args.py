@@ -81,6 +81,21 @@ def test_commands_offer_the_schema(command):
     assert compression_from_args(args).sinks == 2
 
 
+@pytest.mark.parametrize("command", ["generate", "serve", "eval", "inspect", "bench memory"])
+def test_metric_settings_are_compression_options_of_every_command(command):
+    """--pool-kernel, --window-size, --collection-buffer: one option each, from the schema,
+    setting the defaults of every request (none: the engine's MetricConfig)."""
+    positional = {"generate": ["x"], "inspect": ["x"]}.get(command, [])
+    given = ["--pool-kernel", "21", "--window-size", "8", "--collection-buffer", "2"]
+    args = build_parser().parse_args([*command.split(), *given, *positional])
+    params = compression_from_args(args)
+    assert (params.pool_kernel, params.window_size, params.collection_buffer) == (21, 8, 2)
+    unset = compression_from_args(build_parser().parse_args([*command.split(), *positional]))
+    assert unset.pool_kernel is None  # the engine's MetricConfig decides
+    with pytest.raises(ValueError, match="pool_kernel"):
+        compression_from_args(parser().parse_args(["--pool-kernel", "20"]))
+
+
 def test_bench_defaults_come_from_their_configs():
     from kvcompress.bench.memory import MemoryBenchConfig
 

@@ -181,6 +181,26 @@ def test_compression_fields_reach_the_engine(client):
     assert plain.model_dump()["kv"]["kvs_seen"] == plain.model_dump()["kv"]["kvs_kept"]
 
 
+def test_last_query_scorer_and_metric_settings_through_the_server(server, client):
+    """scorer=last-query (TOVA) and a request's own pool_kernel run end to end: real blocks
+    are freed by the compressions and all return to the pool afterwards."""
+    for fields in (
+        {"scorer": "last-query", "compression_interval": 1},
+        {"pool_kernel": 21, "window_size": 16, "collection_buffer": 1},
+    ):
+        resp = client.completions.create(
+            model=MODEL,
+            prompt=text_of(280, seed=3),
+            max_tokens=3,
+            temperature=0,
+            extra_body={"max_cache_tokens": 64, "protected_window": 8, **fields},
+        )
+        kv = resp.model_dump()["kv"]
+        assert kv["compressions"] >= 1
+        assert kv["kvs_kept"] < kv["kvs_seen"] / 2
+    wait_all_blocks_free(server.url)
+
+
 def test_compression_fields_in_streamed_chat(client):
     chunks = list(
         client.chat.completions.create(
@@ -233,6 +253,10 @@ BAD_REQUESTS = [
         "not both",
     ),
     ("completions", {"prompt": "hi", "compress_once": "no"}, 400, "compress_once", "boolean"),
+    ("completions", {"prompt": "hi", "pool_kernel": 4}, 400, "pool_kernel", "odd"),
+    ("completions", {"prompt": "hi", "pool_kernel": "x"}, 400, "pool_kernel", "integer"),
+    ("completions", {"prompt": "hi", "window_size": 0}, 400, "window_size", ">= 1"),
+    ("completions", {"prompt": "hi", "collection_buffer": -1}, 400, "collection_buffer", ">= 0"),
     ("completions", {"prompt": "hi", "policy": None}, 400, "policy", "cannot be null"),
     ("completions", {"prompt": "hi", "top_p": 0.0}, 400, "top_p", "greater than"),
     ("completions", {"prompt": "hi", "n": 17}, 400, "n", "at most 16"),
