@@ -156,3 +156,16 @@ def test_a_second_tensor_parallel_engine_in_the_process_is_refused(tiny_dir: Pat
     with pytest.raises(RuntimeError, match="close\\(\\) that engine first: one per process"):
         engine(tiny_dir, 2)
     assert tp2.stats().blocks_free == tp2.stats().blocks_total  # the first one carries on
+
+
+def test_forks_share_blocks_on_every_rank_as_on_one_device(tiny_dir: Path, tp2) -> None:
+    # n=2: the prefilled prompt forks, its blocks shared (and copied on write) on each rank.
+    def run(eng: LLMEngine) -> list[tuple]:
+        sampling = SamplingParams(n=2, max_tokens=12, temperature=0.8, seed=7)
+        eng.add_request(prompts_of(128, (70,), seed=9)[0], sampling, KVCOMPRESS, request_id="f")
+        outs = [o for o in eng.run() if o.finish_reason]
+        return sorted((o.index, o.token_ids, o.kv.kept_per_layer_head) for o in outs)
+
+    want = run(engine(tiny_dir, 1))
+    assert run(tp2) == want and want[0][1] != want[1][1]
+    assert_all_free(tp2)
