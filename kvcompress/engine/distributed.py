@@ -105,6 +105,21 @@ def _spawned_rank(config: EngineConfig, rank: int, init_method: str, threads: in
         dist.destroy_process_group()
 
 
+def start_ranks(config: EngineConfig) -> tuple[Rank, RankGroup | None]:
+    """This process's rank (rank 0's, with several) and the handle on the others (None on
+    one device); a rank that fails to start stops them all."""
+    if config.tensor_parallel_size == 1:
+        return build_rank(config, torch.device(config.device)), None
+    ranks = RankGroup(config)
+    try:
+        rank = build_rank(config, ranks.device, ranks.tp)
+        ranks.ready(rank)
+    except BaseException:
+        ranks.close()
+        raise
+    return rank, ranks
+
+
 class RankGroup:
     """Rank 0's handle on the others: their processes (when it started them), the command
     group, and what it sends."""

@@ -22,7 +22,7 @@ from kvcompress.compress import CompressionParams
 from kvcompress.engine.admission import check_budget_fits
 from kvcompress.engine.analysis import EngineAnalysis
 from kvcompress.engine.config import EngineConfig
-from kvcompress.engine.distributed import RankGroup
+from kvcompress.engine.distributed import start_ranks
 from kvcompress.engine.logprobs import TokenLogprob, token_logprobs
 from kvcompress.engine.outputs import (
     Capacity,
@@ -36,7 +36,6 @@ from kvcompress.engine.sampling import Sampler, SamplingParams
 from kvcompress.engine.scheduler import Scheduler
 from kvcompress.engine.sequence import Sequence, SequenceStatus
 from kvcompress.engine.stopping import check_stop
-from kvcompress.engine.worker import build_rank
 from kvcompress.errors import (
     ContextLengthError,
     InvalidParameterError,
@@ -50,27 +49,15 @@ logger = logging.getLogger(__name__)
 class LLMEngine(EngineAnalysis):
     def __init__(self, config: EngineConfig | None = None, **kwargs: Any) -> None:
         self.config = config = config or EngineConfig(**kwargs)
-        # Tensor parallelism (tensor_parallel_size > 1): rank 0's handle on the other ranks,
-        # which it starts (or joins, under torchrun); None on one device.
-        self.ranks = RankGroup(config) if config.tensor_parallel_size > 1 else None
-        self.device = self.ranks.device if self.ranks else torch.device(config.device)
-        try:
-            rank = build_rank(config, self.device, self.ranks and self.ranks.tp)
-            if self.ranks:
-                self.ranks.ready(rank)
-        except BaseException:
-            if self.ranks:
-                self.ranks.close()
-            raise
+        # This process's model, cache, backend, compressor and runner; under tensor
+        # parallelism (tensor_parallel_size > 1) rank 0's, and its handle on the other ranks.
+        rank, self.ranks = start_ranks(config)
+        self.device = rank.runner.device
         self.model_config = mc = rank.loaded.config
         self.tokenizer = rank.loaded.tokenizer
         self.max_model_len = rank.max_model_len
-        self.cache, self.backend, self.compressor, self.runner = (
-            rank.cache,
-            rank.backend,
-            rank.compressor,
-            rank.runner,
-        )
+        self.cache, self.compressor, self.runner = rank.cache, rank.compressor, rank.runner
+        self.backend = rank.backend
         if self.ranks:
             # The scheduler drives every rank: its cache, compressor and runner broadcast.
             self.cache, self.compressor, self.runner = self.ranks.driver_parts(rank)
