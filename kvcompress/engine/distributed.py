@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -92,6 +93,9 @@ def _run_rank(config: EngineConfig, rank: int, device: torch.device, group: Any)
 
 def _spawned_rank(config: EngineConfig, rank: int, init_method: str, threads: int) -> None:
     """Entry point of a rank the engine started."""
+    # Ctrl-C reaches the whole process group: rank 0 decides when its ranks stop (a server
+    # drains its streams first), and stops them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
     device = rank_device(config.device, rank)
