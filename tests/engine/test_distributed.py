@@ -43,6 +43,9 @@ def test_replicated_kv_head_counts_once(tmp_path: Path) -> None:
         assert_all_free(eng)
     finally:
         eng.close()
+    # Closed: the rank exited cleanly (asked to, not killed), the rendezvous is gone.
+    assert [p.exitcode for p in eng.ranks.procs] == [0]
+    assert not Path(eng.ranks._rendezvous).exists()
 
 
 def test_a_dead_rank_fails_the_engine_instead_of_hanging(tiny_dir: Path) -> None:
