@@ -48,6 +48,10 @@ class EngineShutdownError(RuntimeError):
     code = "unavailable"
 
 
+class WorkerFailedError(EngineShutdownError):
+    """A tensor-parallel rank died (or left the group out of step): the engine cannot go on."""
+
+
 class RequestFailedError(RuntimeError):
     """The engine failed while running this request; the request was dropped."""
 

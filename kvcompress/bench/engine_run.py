@@ -19,6 +19,8 @@ class RunResult(NamedTuple):
     peak_running: int
     peak_blocks_used: int
     preemptions: int
+    # Under tensor parallelism, each rank's own high-water mark (they sum to the above).
+    peak_blocks_per_rank: tuple[int, ...] = ()
 
     @property
     def total_tokens_per_s(self) -> float:
@@ -65,4 +67,5 @@ def run_all(
         peak_running=peak_running,
         peak_blocks_used=after.blocks_peak,
         preemptions=after.preemptions - before.preemptions,
+        peak_blocks_per_rank=tuple(r.blocks_peak for r in after.ranks),
     )

@@ -29,13 +29,17 @@ class ThroughputBenchConfig:
     rates: tuple[float, ...] = (1, 8, 64)
     kv_cache_memory: str = "200MiB"
     model: str | None = None
-    transformers_baseline: bool = True
+    transformers_baseline: bool = True  # skipped under tensor parallelism
+    # Ranks the model is sharded over; kv_cache_memory is then each rank's budget.
+    tensor_parallel_size: int = 1
     # What every rate uses besides it.
     compression: CompressionParams = field(default_factory=exact_rates)
 
     def __post_init__(self) -> None:
         if self.num_prompts < 1 or self.input_len < 1 or self.output_len < 1:
             raise ValueError("num_prompts, input_len and output_len must be >= 1")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if not self.rates or min(self.rates) < 1:
             raise ValueError(f"rates must be >= 1, got {self.rates}")
         parse_size(self.kv_cache_memory)
@@ -48,6 +52,10 @@ def _row(rate, result: RunResult, bytes_per_block: int) -> dict:
         "output_tokens_per_s": result.output_tokens_per_s,
         "peak_concurrent_seqs": result.peak_running,
         "peak_kv_bytes": result.peak_blocks_used * bytes_per_block,
+        **{
+            f"peak_kv_bytes_rank{r}": blocks * bytes_per_block
+            for r, blocks in enumerate(result.peak_blocks_per_rank)
+        },
         "compression_s": result.compression_seconds,
         "prefill_s": result.prefill_seconds,
         "seconds": result.seconds,
@@ -98,8 +106,16 @@ def run_throughput_bench(cfg: ThroughputBenchConfig) -> list[dict]:
             kv_cache_memory=cfg.kv_cache_memory,
             max_num_seqs=cfg.num_prompts,
             max_num_batched_tokens=cfg.input_len,
+            tensor_parallel_size=cfg.tensor_parallel_size,
         )
     )
+    try:
+        return _run(engine, cfg)
+    finally:
+        engine.close()
+
+
+def _run(engine: LLMEngine, cfg: ThroughputBenchConfig) -> list[dict]:
     prompts = text_prompts(engine.tokenizer, cfg.num_prompts, cfg.input_len)
     run_all(engine, prompts[:1], 2, CompressionParams(policy="full"))  # warm-up
     bytes_per_block = engine.capacity().bytes_per_block
@@ -118,7 +134,8 @@ def run_throughput_bench(cfg: ThroughputBenchConfig) -> list[dict]:
             floor = row["prefill_s"] + row["compression_s"]
             row["prefill_ceiling"] = base["seconds"] / floor
             row["share_of_ceiling"] = row["speedup"] / row["prefill_ceiling"]
-    if cfg.transformers_baseline:
+    # transformers' baseline runs the whole model on one device: no match for several ranks.
+    if cfg.transformers_baseline and cfg.tensor_parallel_size == 1:
         hf_row = _transformers_baseline(engine, prompts, cfg)
         if base is not None:
             hf_row["speedup"] = hf_row["total_tokens_per_s"] / base["total_tokens_per_s"]

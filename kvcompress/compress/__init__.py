@@ -2,6 +2,7 @@
 (engine-agnostic)."""
 
 from kvcompress.compress.compressor import CompressionStats, Compressor
+from kvcompress.compress.exchange import AllGatherExchange, ChunkScoreExchange, LocalExchange
 from kvcompress.compress.inspection import KeptKVs, kept_kvs
 from kvcompress.compress.metrics import (
     METRICS,
@@ -37,11 +38,14 @@ __all__ = [
     "METRICS",
     "POLICIES",
     "SCORERS",
+    "AllGatherExchange",
+    "ChunkScoreExchange",
     "CompressionParams",
     "CompressionStats",
     "Compressor",
     "EvictionPlan",
     "KeptKVs",
+    "LocalExchange",
     "MetricConfig",
     "ParamField",
     "Policy",

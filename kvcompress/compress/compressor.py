@@ -18,6 +18,7 @@ import torch
 from kvcompress.cache import HeadView, OutOfBlocksError, PagedKVCache
 from kvcompress.compress import budget
 from kvcompress.compress.compaction import compact
+from kvcompress.compress.exchange import ChunkScoreExchange, LocalExchange
 from kvcompress.compress.metrics import MetricConfig
 from kvcompress.compress.params import CompressionParams
 from kvcompress.compress.planner import (
@@ -46,7 +47,11 @@ class Compressor:
         max_kvs_per_pass: int = 1 << 24,
         seed: int = 0,
         metric_config: MetricConfig | None = None,
+        exchange: ChunkScoreExchange | None = None,
     ) -> None:
+        """``exchange``: how chunk scores reach the other tensor-parallel ranks, whose caches
+        hold the sequence's other heads (see :mod:`kvcompress.compress.exchange`); every rank
+        then makes the same calls, and together they evict what one device would."""
         if max_kvs_per_pass < 1:
             raise ValueError(f"max_kvs_per_pass must be >= 1, got {max_kvs_per_pass}")
         self.cache = cache
@@ -54,6 +59,7 @@ class Compressor:
         # the "avg" divisor depends on it.
         self.metric_config = metric_config or MetricConfig()
         self.max_kvs_per_pass = max_kvs_per_pass
+        self.exchange = exchange or LocalExchange()
         self._generator = torch.Generator(device=cache.config.device).manual_seed(seed)
         self.workspace = Workspace(cache.config.device)
 
@@ -119,8 +125,9 @@ class Compressor:
     def _passes(self, slots: list[int]) -> list[list[int]]:
         """Split sequences (as indices into ``slots``) so each pass sorts at most
         ``max_kvs_per_pass`` KVs; a single sequence larger than that gets a pass of its own."""
-        lens = self.cache.context_lens[:, slots, :].amax(dim=(0, 2)).tolist()
-        rows = self.cache.num_layers * self.cache.num_kv_heads
+        # Global figures: every rank must split the same passes (their collectives pair up).
+        lens = self.exchange.max(self.cache.context_lens[:, slots, :].amax(dim=(0, 2))).tolist()
+        rows = self.exchange.global_rows(self.cache.num_layers * self.cache.num_kv_heads)
         passes: list[list[int]] = []
         current: list[int] = []
         longest = 0
@@ -142,13 +149,20 @@ class Compressor:
         dev = cache.config.device
         seq_slots = torch.tensor(slots, dtype=torch.long, device=dev)
         view = cache.head_view(seq_slots)
-        if view.width == 0:
+        exchange = self.exchange
+        if exchange.widest(view.width) == 0:
             return 0, 0
         scores = self.scores(seq_slots, view, params, inputs)
+        if not SCORERS[params[0].effective_scorer].query_agnostic:
+            # Summed over the GQA group's query heads: a replica holds only some of them.
+            scores = exchange.merge_replicas(scores)
         sorted_scores = sort_scores(
             scores, self.workspace.get("sorted", scores.shape, torch.float32)
         )
         chunks = chunk_scores(sorted_scores, view.lens, cache.block_size)
+        # The selection sees every head of the model, in one device's order.
+        lens = exchange.gather(view.lens)
+        chunks = exchange.gather(chunks, fill=float("inf"))
 
         seq_lens = cache.seq_lens[seq_slots]
         protected = budget.protected_count(
@@ -161,21 +175,21 @@ class Compressor:
             self._col(params, "max_cache_tokens", dev, torch.float64),
             self._col(params, "min_cache_tokens", dev, torch.float64),
         )
-        LH = view.lens.shape[1]
+        LH = lens.shape[1]
         allowed = budget.allowed_blocks(target, LH, cache.block_size)
         allocation = params[0].policy_spec.allocation
         if allocation == "global":
-            held = torch.div(
-                view.lens + cache.block_size - 1, cache.block_size, rounding_mode="floor"
-            )
+            held = torch.div(lens + cache.block_size - 1, cache.block_size, rounding_mode="floor")
             to_free = (held.sum(dim=1) - allowed).clamp(min=0)
             freed = select_global(chunks, to_free)
         else:
             if allocation == "pyramid":
-                per_head = budget.spread_pyramid(allowed, cache.num_layers, cache.num_kv_heads)
+                kv_heads = LH // cache.num_layers
+                per_head = budget.spread_pyramid(allowed, cache.num_layers, kv_heads)
             else:
                 per_head = budget.spread_evenly(allowed, LH)
-            freed = select_per_head(chunks, view.lens, per_head, cache.block_size)
+            freed = select_per_head(chunks, lens, per_head, cache.block_size)
+        freed = exchange.local(freed)
         plan = plan_from_chunks(scores, sorted_scores, view.lens, freed, cache.block_size)
         blocks = compact(cache, seq_slots, view, plan, self.workspace)
         return int(plan.evict_counts.sum().item()), blocks

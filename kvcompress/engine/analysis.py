@@ -75,6 +75,11 @@ class EngineAnalysis:
         must have no requests in flight."""
         if self.has_unfinished_requests():
             raise RuntimeError("inspect_kept needs an idle engine")
+        if self.ranks:  # kept_kvs reads one cache; each rank holds only its heads
+            raise InvalidParameterError(
+                "inspect_kept runs on one device: use tensor_parallel_size=1",
+                param="tensor_parallel_size",
+            )
         if not prompt:
             raise InvalidParameterError("the prompt is empty", param="prompt")
         seq = Sequence(

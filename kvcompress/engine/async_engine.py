@@ -37,6 +37,7 @@ from kvcompress.errors import (
     EngineShutdownError,
     InvalidParameterError,
     RequestFailedError,
+    WorkerFailedError,
 )
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,16 @@ class AsyncLLMEngine:
     @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stop
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can never run again (a tensor-parallel rank died), else None: a
+        server reports it and exits."""
+        try:
+            self.engine.check_health()
+        except WorkerFailedError as err:
+            return str(err)
+        return None
 
     def shutdown(self, timeout: float | None = 60.0) -> None:
         """Stop the engine thread; every request still in flight is aborted."""
@@ -376,10 +387,19 @@ class AsyncLLMEngine:
             except Exception:
                 logger.exception("engine command failed during shutdown")
         self._refresh_stats()
+        self.engine.close()  # stops tensor-parallel ranks; nothing on one device
 
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except WorkerFailedError as err:
+            # No step can run again: every request fails and the engine thread stops.
+            logger.error("%s", err)
+            self.step_errors += 1
+            self._abort_all(err)
+            with self._cond:
+                self._stop = True
+            return
         except Exception as err:
             self.step_errors += 1
             logger.exception("engine step failed; failing the requests it was running")

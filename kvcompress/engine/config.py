@@ -38,10 +38,18 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto (Triton on CUDA), torch or triton
     device: str = "cpu"
     seed: int = 0
+    # Ranks the model is sharded over (torch.distributed: NCCL on CUDA, gloo on CPU), one
+    # process each; kv_cache_memory is per rank. Under torchrun, the number of processes.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         self.kv_cache_memory = parse_size(self.kv_cache_memory)
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_kvs_per_pass"):
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_kvs_per_pass",
+            "tensor_parallel_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -13,72 +13,58 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
-from kvcompress.attention import make_backend
-from kvcompress.cache import CacheConfig, PagedKVCache
-from kvcompress.compress import (
-    CompressionParams,
-    Compressor,
-    shared_prefill_signature,
-)
-from kvcompress.engine.admission import check_branches_fit, check_budget_fits
+from kvcompress.compress import CompressionParams
+from kvcompress.engine.admission import check_budget_fits
 from kvcompress.engine.analysis import EngineAnalysis
+from kvcompress.engine.branching import EngineBranching
 from kvcompress.engine.config import EngineConfig
+from kvcompress.engine.distributed import start_ranks
 from kvcompress.engine.logprobs import TokenLogprob, token_logprobs
-from kvcompress.engine.model_runner import ModelRunner
 from kvcompress.engine.outputs import (
     Capacity,
     EngineStats,
     KVStats,
+    RankBlocks,
     RequestOutput,
     RequestState,
 )
 from kvcompress.engine.sampling import Sampler, SamplingParams
 from kvcompress.engine.scheduler import Scheduler
-from kvcompress.engine.sequence import Branch, Sequence, SequenceStatus, prefill_params
+from kvcompress.engine.sequence import Sequence, SequenceStatus
 from kvcompress.engine.stopping import check_stop
 from kvcompress.errors import (
     ContextLengthError,
     InvalidParameterError,
     QueueFullError,
+    WorkerFailedError,
 )
-from kvcompress.models import load_model
 
 logger = logging.getLogger(__name__)
 
 
-class LLMEngine(EngineAnalysis):
+class LLMEngine(EngineAnalysis, EngineBranching):
     def __init__(self, config: EngineConfig | None = None, **kwargs: Any) -> None:
         self.config = config = config or EngineConfig(**kwargs)
-        self.device = torch.device(config.device)
-        loaded = load_model(config.model, dtype=config.dtype, device=self.device)
-        self.model_config = mc = loaded.config
-        self.tokenizer = loaded.tokenizer
-        self.max_model_len = min(
-            config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
-        )
-        cache_config = CacheConfig(
-            num_layers=mc.num_layers,
-            num_kv_heads=mc.num_kv_heads,
-            head_dim=mc.head_dim,
-            kv_cache_memory=config.kv_cache_memory,
-            block_size=config.block_size,
-            dtype=config.kv_cache_dtype,
-            device=self.device,
-            max_seqs=config.max_num_seqs,
-            max_model_len=self.max_model_len,
-        )
-        self.cache = PagedKVCache(cache_config)
-        self.backend = make_backend(config.attention_backend, self.cache)
-        loaded.model.set_attention_backend(self.backend)
-        self.compressor = Compressor(
-            self.cache, config.max_kvs_per_pass, seed=config.seed, metric_config=config.metric
-        )
-        self.runner = ModelRunner(loaded.model, self.cache, self.device, config.metric)
+        # This process's model, cache, backend, compressor and runner; under tensor
+        # parallelism (tensor_parallel_size > 1) rank 0's, and its handle on the other ranks.
+        rank, self.ranks = start_ranks(config)
+        self.device = rank.runner.device
+        self.model_config = mc = rank.loaded.config
+        self.tokenizer = rank.loaded.tokenizer
+        self.max_model_len = rank.max_model_len
+        self.cache, self.compressor, self.runner = rank.cache, rank.compressor, rank.runner
+        self.backend = rank.backend
+        if self.ranks:
+            # The scheduler drives every rank: its cache, compressor and runner broadcast.
+            self.cache, self.compressor, self.runner = self.ranks.driver_parts(rank)
+            # The ranks never outlive the engine (collected, or at interpreter exit).
+            self._finalizer = weakref.finalize(self, self.ranks.close)
         self.scheduler = Scheduler(config, self.cache, self.compressor, self.runner.last_queries)
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = set(mc.eos_token_ids)
@@ -156,76 +142,6 @@ class LLMEngine(EngineAnalysis):
         self._requests[request_id] = [seq]
         self.scheduler.add(seq)
         return request_id
-
-    def add_branched_request(
-        self,
-        prompt: str | list[int],
-        sampling: SamplingParams | None,
-        branches: list[CompressionParams | Mapping[str, Any] | None],
-        request_ids: list[str | None] | None = None,
-        suffix: str | list[int] | None = None,
-    ) -> list[str]:
-        """Queue one request per branch, all of one prompt prefilled once; returns their
-        ids, in the order of ``branches``.
-
-        The prompt is prefilled whole, in one chunk (whatever ``prefill_chunk_size``) and
-        uncompressed, collecting the metric the branches compress by; it then forks
-        before any compression into one sequence per branch, sharing its blocks, and each
-        is compressed by its own parameters exactly as an ordinary request whose prefill
-        chunk covered the whole prompt is (the same compression call). From there each is
-        an ordinary request: its own sampling (every branch samples its first token from
-        the prompt's logits), suffix, preemption and :meth:`abort_request`.
-
-        Branches share a prefill only when it collects what each needs
-        (``CompressionParams.prefill_signature``: the metric's power and collection
-        settings; branches that do not score by the metric fit any): others are refused
-        with an ``InvalidParameterError``. ``n``/``best_of`` and ``prompt_logprobs`` are
-        refused (add such requests alone), as is a prompt whose uncompressed prefill plus
-        the branches' copies could never fit the cache (``KVBudgetError``).
-        """
-        sampling = sampling or SamplingParams()
-        if not branches:
-            raise InvalidParameterError("give at least one branch", param="branches")
-        params = [self.resolve_compression(b) for b in branches]
-        shared_prefill_signature(params)
-        if sampling.num_seqs > 1:
-            raise InvalidParameterError(
-                "n and best_of cannot be combined with branches (each branch is one sequence)",
-                param="best_of" if sampling.ranks else "n",
-            )
-        if sampling.prompt_logprobs is not None:
-            raise InvalidParameterError(
-                "prompt_logprobs cannot be combined with branches", param="prompt_logprobs"
-            )
-        if len(params) + 1 > self.config.max_num_seqs:
-            raise InvalidParameterError(
-                f"{len(params)} branches and their prefill exceed the engine's max_num_seqs "
-                f"({self.config.max_num_seqs})",
-                param="branches",
-            )
-        token_ids, suffix_ids = self._prompt_ids(prompt, suffix, sampling)
-        check_branches_fit(
-            self.capacity(), params, len(token_ids) + len(suffix_ids), sampling.max_tokens
-        )
-        self._check_queue()
-        if request_ids is not None and len(request_ids) != len(params):
-            raise InvalidParameterError(
-                f"{len(request_ids)} request ids for {len(params)} branches", param="request_id"
-            )
-        ids = self._new_ids(request_ids or [None] * len(params))
-        branch_list = [Branch(i, p) for i, p in zip(ids, params, strict=True)]
-        parent = Sequence(
-            f"{ids[0]}:prefill",
-            token_ids,
-            sampling,
-            prefill_params(branch_list),
-            pending_suffix=suffix_ids,
-            branches=branch_list,
-        )
-        for request_id in ids:
-            self._requests[request_id] = [parent]
-        self.scheduler.add(parent)
-        return ids
 
     def _prompt_ids(
         self,
@@ -341,6 +257,8 @@ class LLMEngine(EngineAnalysis):
             )
             logits, sampled, forks = self._fork_at_first_sample(out.logits, sampled)
             tokens, logprobs = self._sample(logits, sampled)
+        except WorkerFailedError:  # the ranks are gone: no later step can run either
+            raise
         except Exception:
             # The batch's requests end with reason "error" and their blocks return to the
             # pool; the engine and every other request carry on.
@@ -537,16 +455,25 @@ class LLMEngine(EngineAnalysis):
 
     # ------------------------------------------------------------------ statistics
     def kv_stats(self, seq: Sequence) -> KVStats:
+        if self.ranks:
+            return self.ranks.kv_stats(seq.slot, seq.compressions)
         return KVStats.of(self.cache, seq.slot, seq.compressions)
 
     def capacity(self) -> Capacity:
+        """The KV cache: under tensor parallelism, every rank's pool and heads together."""
         cache = self.cache
+        size = self.config.tensor_parallel_size
+        free = (
+            sum(r.blocks_free for r in self.ranks.reports([]))
+            if self.ranks
+            else cache.num_free_blocks
+        )
         return Capacity(
-            num_blocks=cache.num_blocks,
-            free_blocks=cache.num_free_blocks,
+            num_blocks=cache.config.num_blocks * size,
+            free_blocks=free,
             block_size=cache.block_size,
             bytes_per_kv=cache.config.bytes_per_kv,
-            heads=cache.num_layers * cache.num_kv_heads,
+            heads=cache.num_layers * cache.num_kv_heads * size,
             max_num_seqs=self.config.max_num_seqs,
             max_model_len=self.max_model_len,
         )
@@ -554,25 +481,20 @@ class LLMEngine(EngineAnalysis):
     def stats(self) -> EngineStats:
         s = self.scheduler
         slots = [seq.slot for seq in s.running]
-        kept = int(self.cache.context_lens[:, slots].sum()) if slots else 0
-        seen = int(self.cache.seq_lens[slots].sum()) * self.capacity().heads if slots else 0
-        # Counted from the block tables, not from lengths: pool-used minus held is a leak.
-        rows = self.cache.block_tables[:, slots]
-        refs = rows[rows >= 0]
-        held = int(refs.numel())
-        # References to blocks that other references share (forks of n > 1 requests).
-        multi = self.cache.pool.refcount[refs] > 1
-        shared = int(multi.sum()) if held else 0
-        distinct = held - shared + (int(refs[multi].unique().numel()) if shared else 0)
+        # Counted on each rank from its block tables and pool (not from lengths: pool-used
+        # minus held is a leak), and summed.
+        ranks = self.ranks.reports(slots) if self.ranks else [RankBlocks.of(self.cache, slots)]
+        mc = self.model_config
+        seen = int(self.cache.seq_lens[slots].sum()) * mc.num_layers * mc.num_kv_heads
         return EngineStats(
             running=len(s.running),
             waiting=len(s.waiting),
-            blocks_total=self.cache.num_blocks,
-            blocks_free=self.cache.num_free_blocks,
-            blocks_held=held,
-            blocks_peak=self.cache.pool.peak_used,
+            blocks_total=sum(r.blocks_total for r in ranks),
+            blocks_free=sum(r.blocks_free for r in ranks),
+            blocks_held=sum(r.blocks_held for r in ranks),
+            blocks_peak=sum(r.blocks_peak for r in ranks),
             block_size=self.cache.block_size,
-            kvs_kept=kept,
+            kvs_kept=sum(r.kvs_kept for r in ranks),
             kvs_seen=seen,
             compression_passes=s.compression_passes,
             compression_seconds=s.compression_seconds,
@@ -581,17 +503,38 @@ class LLMEngine(EngineAnalysis):
             generation_tokens=self.generation_tokens,
             prefill_seconds=self.prefill_seconds,
             decode_seconds=self.decode_seconds,
-            blocks_shared=shared,
-            blocks_distinct=distinct,
+            blocks_shared=sum(r.blocks_shared for r in ranks),
+            blocks_distinct=sum(r.blocks_distinct for r in ranks),
+            ranks=tuple(ranks) if self.ranks else (),
         )
 
     def reset_peak_memory(self) -> None:
         """Start ``stats().blocks_peak`` again from the blocks in use now."""
-        self.cache.pool.reset_peak()
+        if self.ranks:
+            self.ranks.reset_peak()
+        else:
+            self.cache.pool.reset_peak()
+
+    def check_health(self) -> None:
+        """Raise :class:`~kvcompress.errors.WorkerFailedError` if a tensor-parallel rank is
+        gone (then no step can run); never blocks, from any thread."""
+        if self.ranks:
+            self.ranks.check_health()
+
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel ranks (nothing to do on one device); the engine
+        cannot step afterwards. Also done when the engine is collected and at exit."""
+        if self.ranks:
+            self._finalizer()
 
     def to_transformers(self) -> torch.nn.Module:
         """transformers' own implementation of this model, holding the same weights (for
         parity checks and speed baselines)."""
         from kvcompress.models.hf_reference import to_transformers
 
+        if self.ranks:
+            raise InvalidParameterError(
+                "to_transformers needs the whole model on one device: use tensor_parallel_size=1",
+                param="tensor_parallel_size",
+            )
         return to_transformers(self.runner.model, self.model_config)

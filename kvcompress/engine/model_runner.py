@@ -37,8 +37,10 @@ class ModelRunner:
         # How sequences collect the metric unless their request says otherwise.
         self.metric = metric or MetricConfig()
         mc = model.config
+        # The query heads this model computes: a tensor-parallel shard's own.
+        heads = len(model.shard.layout.q_heads)
         self.last_queries = LastQueries(
-            cache.config.max_seqs, mc.num_layers, mc.num_heads, mc.head_dim, device
+            cache.config.max_seqs, mc.num_layers, heads, mc.head_dim, device
         )
 
     @torch.inference_mode()

@@ -100,6 +100,38 @@ class RequestState(NamedTuple):
     output_tokens: int
 
 
+class RankBlocks(NamedTuple):
+    """One tensor-parallel rank's KV blocks: the budget (``kv_cache_memory``) is per rank."""
+
+    rank: int
+    blocks_total: int
+    blocks_free: int
+    blocks_held: int
+    blocks_peak: int
+    blocks_shared: int
+    blocks_distinct: int
+    kvs_kept: int  # by the sequences asked about
+
+    @classmethod
+    def of(cls, cache: PagedKVCache, slots: list[int], rank: int = 0) -> RankBlocks:
+        rows = cache.block_tables[:, slots]
+        refs = rows[rows >= 0]
+        held = int(refs.numel())
+        # References to blocks that other references share (forks of n > 1 requests).
+        multi = cache.pool.refcount[refs] > 1
+        shared = int(multi.sum()) if held else 0
+        return cls(
+            rank=rank,
+            blocks_total=cache.num_blocks,
+            blocks_free=cache.num_free_blocks,
+            blocks_held=held,
+            blocks_peak=cache.pool.peak_used,
+            blocks_shared=shared,
+            blocks_distinct=held - shared + (int(refs[multi].unique().numel()) if shared else 0),
+            kvs_kept=int(cache.context_lens[:, slots].sum()) if slots else 0,
+        )
+
+
 class EngineStats(NamedTuple):
     running: int
     waiting: int
@@ -125,6 +157,9 @@ class EngineStats(NamedTuple):
     # Distinct blocks the tables reference (``blocks_held`` counts a shared block once per
     # table): the pool's used blocks minus these are leaked.
     blocks_distinct: int = 0
+    # Under tensor parallelism, each rank's blocks; the block and KV counts above are their
+    # sums (``blocks_peak``: the sum of each rank's high-water mark). Empty on one device.
+    ranks: tuple[RankBlocks, ...] = ()
 
     @property
     def blocks_used(self) -> int:

@@ -57,6 +57,10 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel ranks (see ``LLMEngine.close``)."""
+        self.engine.close()
+
     def generate(
         self,
         prompts: str | list[int] | Sequence[str] | Sequence[list[int]],

@@ -2,7 +2,13 @@
 
 from kvcompress.models.config import ModelConfig
 from kvcompress.models.llama import LlamaForCausalLM
-from kvcompress.models.loader import LoadedModel, ModelLoadError, default_model_path, load_model
+from kvcompress.models.loader import (
+    LoadedModel,
+    ModelLoadError,
+    default_model_path,
+    load_config,
+    load_model,
+)
 
 __all__ = [
     "LlamaForCausalLM",
@@ -10,5 +16,6 @@ __all__ = [
     "ModelConfig",
     "ModelLoadError",
     "default_model_path",
+    "load_config",
     "load_model",
 ]

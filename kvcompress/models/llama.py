@@ -10,7 +10,7 @@ Parameter names are those of Hugging Face checkpoints so that their state dicts 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,18 +18,15 @@ from torch import nn
 
 from kvcompress.attention.backend import AttentionBackend
 from kvcompress.models.config import ModelConfig
+from kvcompress.models.parallel import Linear, RowParallelLinear, ShardLayout, TensorParallel
 from kvcompress.models.rope import RotaryEmbedding, apply_rotary_signed, signed_sin
 
 FactoryKwargs = dict[str, Any]
 
 
-class Linear(nn.Linear):
-    def reset_parameters(self) -> None:
-        # Meta-device parameters exist only to be replaced by loaded weights. Initialising
-        # them is wasted work and, on meta, routes through torch's reference ops, which
-        # import torch._dynamo: most of a warm model load.
-        if not self.weight.is_meta:
-            super().reset_parameters()
+class Shard(NamedTuple):
+    tp: TensorParallel
+    layout: ShardLayout
 
 
 class Embedding(nn.Embedding):
@@ -58,12 +55,12 @@ class RMSNorm(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, factory: FactoryKwargs) -> None:
+    def __init__(self, config: ModelConfig, shard: Shard, factory: FactoryKwargs) -> None:
         super().__init__()
-        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        h, i, bias = config.hidden_size, len(shard.layout.intermediate), config.mlp_bias
         self.gate_proj = Linear(h, i, bias=bias, **factory)
         self.up_proj = Linear(h, i, bias=bias, **factory)
-        self.down_proj = Linear(i, h, bias=bias, **factory)
+        self.down_proj = RowParallelLinear(i, h, bias=bias, tp=shard.tp, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In place on the gate's output: two fewer [tokens, intermediate] temporaries, the
@@ -73,18 +70,23 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, factory: FactoryKwargs) -> None:
+    def __init__(
+        self, config: ModelConfig, layer: int, shard: Shard, factory: FactoryKwargs
+    ) -> None:
         super().__init__()
         self.layer = layer
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
+        # This rank's heads (all of them on one device).
+        self.num_heads = len(shard.layout.q_heads)
+        self.num_kv_heads = len(shard.layout.kv_heads)
         self.head_dim = config.head_dim
-        h, q_size = config.hidden_size, config.num_heads * config.head_dim
-        kv_size = config.num_kv_heads * config.head_dim
+        h, q_size = config.hidden_size, self.num_heads * config.head_dim
+        kv_size = self.num_kv_heads * config.head_dim
         self.q_proj = Linear(h, q_size, bias=config.attention_bias, **factory)
         self.k_proj = Linear(h, kv_size, bias=config.attention_bias, **factory)
         self.v_proj = Linear(h, kv_size, bias=config.attention_bias, **factory)
-        self.o_proj = Linear(q_size, h, bias=config.attention_out_bias, **factory)
+        self.o_proj = RowParallelLinear(
+            q_size, h, bias=config.attention_out_bias, tp=shard.tp, **factory
+        )
 
     def forward(
         self,
@@ -105,10 +107,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, factory: FactoryKwargs) -> None:
+    def __init__(
+        self, config: ModelConfig, layer: int, shard: Shard, factory: FactoryKwargs
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer, factory)
-        self.mlp = LlamaMLP(config, factory)
+        self.self_attn = LlamaAttention(config, layer, shard, factory)
+        self.mlp = LlamaMLP(config, shard, factory)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
 
@@ -125,11 +129,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, factory: FactoryKwargs) -> None:
+    def __init__(self, config: ModelConfig, shard: Shard, factory: FactoryKwargs) -> None:
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, **factory)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, factory) for i in range(config.num_layers)
+            LlamaDecoderLayer(config, i, shard, factory) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
@@ -157,6 +161,10 @@ class LlamaForCausalLM(nn.Module):
     ``forward(input_ids [N], positions [N], meta) -> hidden [N, hidden_size]`` (after the
     final norm); ``compute_logits(hidden [M, hidden_size]) -> [M, vocab]`` in float32. The
     caller picks which rows need logits (usually each sequence's last token).
+
+    With ``tp`` of several ranks, this is one rank's shard (see :mod:`.parallel`): its
+    attention layers take and return its own heads (``shard.layout``), and every rank must
+    run each forward pass together.
     """
 
     def __init__(
@@ -165,11 +173,14 @@ class LlamaForCausalLM(nn.Module):
         backend: AttentionBackend | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
         self.config = config
+        tp = tp or TensorParallel()
+        self.shard = Shard(tp, ShardLayout.of(config, tp.rank, tp.size))
         factory: FactoryKwargs = {"dtype": dtype, "device": device}
-        self.model = LlamaModel(config, factory)
+        self.model = LlamaModel(config, self.shard, factory)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, **factory)
         self.tie_weights()
         self.set_attention_backend(backend)

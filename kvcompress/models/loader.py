@@ -20,6 +20,7 @@ from kvcompress.attention.backend import AttentionBackend
 from kvcompress.models import gguf_weights, weight_cache
 from kvcompress.models.config import ModelConfig
 from kvcompress.models.llama import LlamaForCausalLM
+from kvcompress.models.parallel import ShardLayout, TensorParallel, check_shardable, shard_index
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def load_model(
     device: torch.device | str = "cpu",
     *,
     cache_dir: str | Path | None = None,
+    tp: TensorParallel | None = None,
 ) -> LoadedModel:
     """Load a Llama-family model from a local path.
 
@@ -90,16 +92,35 @@ def load_model(
     (config.json, ``*.safetensors`` possibly sharded, tokenizer files), a ``.gguf`` file, or
     a directory holding exactly one ``.gguf``. ``backend`` may be given later with
     ``model.set_attention_backend``. ``cache_dir`` overrides where converted GGUFs are kept
-    (default: ``$KVCOMPRESS_CACHE_DIR`` or the user cache directory).
+    (default: ``$KVCOMPRESS_CACHE_DIR`` or the user cache directory). With ``tp`` of
+    several ranks, the model is this rank's shard, read from the checkpoint slice by slice.
     """
     dtype = _as_dtype(dtype)
     kind, source = resolve_source(model)
     if kind == "hf":
-        return load_hf_dir(source, backend, dtype, device)
+        return load_hf_dir(source, backend, dtype, device, tp)
+    return load_converted(_converted(source, cache_dir), backend, dtype, device, tp)
+
+
+def load_config(
+    model: str | Path | None = None, *, cache_dir: str | Path | None = None
+) -> ModelConfig:
+    """The model's :class:`ModelConfig` alone (shapes: enough to check a sharding before
+    starting processes); a GGUF is converted, as :func:`load_model` would."""
+    kind, source = resolve_source(model)
+    if kind == "hf":
+        from transformers import AutoConfig
+
+        return ModelConfig.from_hf(AutoConfig.from_pretrained(source, local_files_only=True))
+    converted = _converted(source, cache_dir)
+    return ModelConfig(**json.loads((converted / CONVERTED_CONFIG).read_text()))
+
+
+def _converted(source: Path, cache_dir: str | Path | None) -> Path:
     root = Path(cache_dir).expanduser() if cache_dir is not None else None
     converted, hit = weight_cache.get_or_create(source, lambda out: convert_gguf(source, out), root)
     logger.info("%s converted GGUF in %s", "using" if hit else "wrote", converted)
-    return load_converted(converted, backend, dtype, device)
+    return converted
 
 
 def resolve_source(model: str | Path | None) -> tuple[str, Path]:
@@ -143,6 +164,7 @@ def load_hf_dir(
     backend: AttentionBackend | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    tp: TensorParallel | None = None,
 ) -> LoadedModel:
     """Load a Hugging Face model directory (config.json, safetensors, tokenizer)."""
     from transformers import AutoConfig, AutoTokenizer
@@ -153,14 +175,14 @@ def load_hf_dir(
     except Exception as exc:  # transformers raises many kinds; say which step failed
         raise ModelLoadError(f"cannot load the tokenizer from {path}: {exc}") from exc
 
-    state = read_safetensors(path, dtype, device)
+    state = read_safetensors(path, dtype, device, _shard_of(config, tp), config)
     if "lm_head.weight" not in state and not config.tie_word_embeddings:
         # Checkpoints without an LM head reuse the embedding matrix.
         logger.info("%s has no lm_head.weight; tying it to the embeddings", path)
         config = dataclasses.replace(config, tie_word_embeddings=True)
     eos = collect_eos_token_ids(config, tokenizer, _generation_eos(path))
     config = dataclasses.replace(config, eos_token_ids=eos)
-    model = build_model(config, state, backend, dtype, device)
+    model = build_model(config, state, backend, dtype, device, tp)
     return LoadedModel(model, tokenizer, config)
 
 
@@ -169,6 +191,7 @@ def load_converted(
     backend: AttentionBackend | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    tp: TensorParallel | None = None,
 ) -> LoadedModel:
     """Load a directory written by `convert_gguf`, skipping transformers' Auto classes.
 
@@ -179,9 +202,17 @@ def load_converted(
 
     config = ModelConfig(**json.loads((path / CONVERTED_CONFIG).read_text()))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-    state = read_safetensors(path, dtype, device)
-    model = build_model(config, state, backend, dtype, device)
+    state = read_safetensors(path, dtype, device, _shard_of(config, tp), config)
+    model = build_model(config, state, backend, dtype, device, tp)
     return LoadedModel(model, tokenizer, config)
+
+
+def _shard_of(config: ModelConfig, tp: TensorParallel | None) -> ShardLayout | None:
+    """The rank's layout, checked before any weight is read; None on one rank."""
+    if tp is None or tp.size == 1:
+        return None
+    check_shardable(config, tp.size)
+    return ShardLayout.of(config, tp.rank, tp.size)
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -204,8 +235,14 @@ def safetensors_files(path: Path) -> list[Path]:
 
 
 def read_safetensors(
-    path: Path, dtype: torch.dtype, device: torch.device | str
+    path: Path,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    shard: ShardLayout | None = None,
+    config: ModelConfig | None = None,
 ) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors; with ``shard`` (and ``config``), only the slice of each
+    that this rank holds is read from the file."""
     from safetensors import safe_open
 
     state: dict[str, torch.Tensor] = {}
@@ -214,7 +251,8 @@ def read_safetensors(
             for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 if key.endswith(_IGNORED_SUFFIXES):
                     continue
-                tensor = f.get_tensor(key)
+                index = shard_index(key, config, shard) if shard is not None else None
+                tensor = f.get_tensor(key) if index is None else f.get_slice(key)[index]
                 if tensor.is_floating_point():
                     tensor = tensor.to(dtype)
                 state[key] = tensor.to(device)
@@ -227,13 +265,14 @@ def build_model(
     backend: AttentionBackend | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    tp: TensorParallel | None = None,
 ) -> LlamaForCausalLM:
     """A ready (eval, no grad) model holding ``state``'s tensors, without random init.
 
     Parameters are first created on the meta device, then replaced by the loaded tensors:
     initialising 100M+ random weights only to overwrite them would cost seconds.
     """
-    model = LlamaForCausalLM(config, backend, dtype=dtype, device="meta")
+    model = LlamaForCausalLM(config, backend, dtype=dtype, device="meta", tp=tp)
     expected = set(model.state_dict())
     unexpected = sorted(set(state) - expected)
     if unexpected:

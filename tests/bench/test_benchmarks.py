@@ -74,3 +74,17 @@ def test_throughput_bench_rows_speedup_and_plot(tmp_path):
     assert rows[1]["peak_concurrent_seqs"] >= rows[0]["peak_concurrent_seqs"]
     png = plot_speedup(rows, tmp_path)
     assert png.exists() and png.stat().st_size > 1000
+
+
+def test_throughput_bench_on_two_ranks_reports_each_ranks_memory(tmp_path, capsys):
+    from tests.engine.test_tensor_parallel import tiny_llama
+
+    model = tiny_llama(tmp_path / "tiny", num_kv_heads=4, num_heads=8)
+    args = ["bench", "throughput", "--model", str(model), "--tensor-parallel-size", "2"]
+    args += ["--num-prompts", "2", "--input-len", "40", "--output-len", "4", "--rates", "1,4"]
+    assert main([*args, "--kv-cache-memory", "1MiB", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["rate"] for r in rows] == [1, 4]  # no transformers baseline on two ranks
+    for row in rows:
+        per_rank = [row["peak_kv_bytes_rank0"], row["peak_kv_bytes_rank1"]]
+        assert min(per_rank) > 0 and sum(per_rank) == row["peak_kv_bytes"]

@@ -22,6 +22,7 @@ from kvcompress.errors import (
     InvalidParameterError,
     QueueFullError,
     RequestFailedError,
+    WorkerFailedError,
 )
 
 
@@ -34,6 +35,8 @@ class FakeEngine:
         self.requests: dict[str, tuple[list[int], SamplingParams, list[int]]] = {}
         self.running: list[str] = []
         self.fail_next_step = False
+        self.ranks_failed: str | None = None  # a tensor-parallel rank died
+        self.closed = False
         self.threads: set[str] = set()  # threads that touched the engine's state
         self.tokenize_threads: set[str] = set()
         self.polls = 0
@@ -72,6 +75,13 @@ class FakeEngine:
         self.running = [r for r in self.running if r != request_id]
         return self.requests.pop(request_id, None) is not None
 
+    def check_health(self) -> None:
+        if self.ranks_failed:
+            raise WorkerFailedError(self.ranks_failed)
+
+    def close(self) -> None:
+        self.closed = True
+
     def requests_in_flight(self) -> list[RequestState]:
         return [RequestState(r, "running", 1, 0) for r in self.running]
 
@@ -86,6 +96,7 @@ class FakeEngine:
         if self.fail_next_step:
             self.fail_next_step = False
             raise RuntimeError("boom")
+        self.check_health()
         outputs = []
         for rid, (prompt, sampling, out) in list(self.requests.items()):
             out.append(7)
@@ -279,6 +290,26 @@ def test_step_failure_fails_running_requests_and_keeps_serving(fake):
     assert outs[-1].finished
     assert async_engine.step_errors == 1
     assert async_engine.finished_counts()["error"] == 1
+
+
+def test_a_dead_rank_fails_every_request_and_stops_the_engine(fake):
+    engine, async_engine = fake
+    engine.step_delay = 0.01
+
+    async def main():
+        stream = await async_engine.add_request("a", SamplingParams(max_tokens=10_000))
+        assert async_engine.failure is None
+        engine.ranks_failed = "rank 1 died"
+        with pytest.raises(WorkerFailedError, match="rank 1 died"):
+            async for _ in stream:
+                pass
+
+    asyncio.run(main())
+    assert async_engine.failure == "rank 1 died"  # what /health reports, then the server exits
+    deadline = time.monotonic() + 10
+    while async_engine.is_running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not async_engine.is_running and engine.closed  # no busy loop of failing steps
 
 
 def test_idle_loop_sleeps(fake):

@@ -35,6 +35,8 @@ ENGINE_OPTIONS: dict[str, str] = {
     "(float8_e4m3fn, a scale per layer and KV head)",
     "attention_backend": "auto (triton on CUDA, torch on CPU), torch, triton",
     "seed": "seed of the sampler and of the random policy",
+    "tensor_parallel_size": "ranks (GPUs, or CPU processes) the model is sharded over; "
+    "kv_cache_memory is per rank. Under torchrun: the number of processes",
 }
 
 INT_OPTIONS = (
@@ -45,6 +47,7 @@ INT_OPTIONS = (
     "prefill_chunk_size",
     "decode_headroom",
     "seed",
+    "tensor_parallel_size",
 )
 CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),

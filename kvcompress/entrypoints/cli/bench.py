@@ -73,6 +73,13 @@ def add_bench_parser(commands) -> None:
     tp.add_argument("--kv-cache-memory", default=d.kv_cache_memory)
     tp.add_argument("--model", default=d.model)
     tp.add_argument("--no-transformers", action="store_true", help="skip the baseline")
+    tp.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=d.tensor_parallel_size,
+        help="ranks the model is sharded over (the KV budget is per rank; the transformers "
+        "baseline is skipped)",
+    )
     tp.add_argument("--plot-dir", default=None, help="write throughput_speedup.png here")
     tp.add_argument("--json", action="store_true", help=REPORT_HELP)
     add_compression_args(tp, "compression (at every rate)", exclude=SWEPT)
@@ -221,6 +228,8 @@ def run_throughput(args: argparse.Namespace) -> int:
         f"{cfg.output_len} out, KV budget {cfg.kv_cache_memory}, "
         f"policy {cfg.compression.policy}"
     )
+    if cfg.tensor_parallel_size > 1:
+        header += f", {cfg.tensor_parallel_size} ranks (budget and peak_kv_bytes_rank<r> per rank)"
     emit_report(cfg, rows, args.json, header)
     if args.plot_dir:
         print(f"plot: {plot_speedup(rows, args.plot_dir)}", file=sys.stderr)

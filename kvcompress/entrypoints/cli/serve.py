@@ -117,4 +117,4 @@ def run_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         engine.shutdown()  # idempotent; covers a failed startup too
-    return 0 if server.started else 1
+    return 0 if server.started and not server.failed else 1

@@ -180,6 +180,8 @@ def build_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        if engine.failure is not None:
+            return JSONResponse({"status": engine.failure}, status_code=503)
         if not engine.is_running:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})

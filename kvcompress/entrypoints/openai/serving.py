@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -11,6 +12,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from kvcompress.engine import AsyncLLMEngine
+
+logger = logging.getLogger(__name__)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -49,6 +52,15 @@ class GracefulServer(uvicorn.Server):
         super().__init__(config)
         self.engine = engine
         self.grace = grace
+        self.failed = False
+
+    async def on_tick(self, counter: int) -> bool:
+        failure = self.engine.failure  # a tensor-parallel rank died: nothing can run again
+        if failure is not None:
+            logger.error("%s; the server exits", failure)
+            self.failed = True
+            return True
+        return await super().on_tick(counter)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         first = not self.should_exit
