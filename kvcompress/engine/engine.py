@@ -2,9 +2,9 @@
 
 Its public API is what every floor above uses (the offline ``LLM``, the async engine and
 server, the CLI, benchmarks and evaluation): ``add_request`` / ``add_branched_request`` /
-``abort_request``, ``step`` or
-``run`` (the one drive loop), ``teacher_force``, ``capacity``, ``stats``,
-``requests_in_flight``, ``tokenize`` / ``apply_chat_template`` and ``to_transformers``.
+``abort_request``, ``step`` or ``run`` (the one drive loop), ``teacher_force``,
+``capacity``, ``stats``, ``requests_in_flight``, ``tokenize`` / ``apply_chat_template`` and
+``to_transformers``.
 Errors are the typed ones of :mod:`kvcompress.errors`.
 """
 
@@ -265,10 +265,10 @@ class LLMEngine(EngineAnalysis, EngineBranching):
             logger.exception("engine step failed; ending its %d requests", len(batch.seqs))
             for seq in batch.seqs:
                 self._finish(seq, "error")
-                out = self._output(seq, [])
+                failed = self._output(seq, [])
                 # A branched prompt's prefill ends each of its requests.
                 ids = [b.request_id for b in seq.branches] or [seq.request_id]
-                outputs.extend(out._replace(request_id=rid) for rid in ids)
+                outputs.extend(failed._replace(request_id=rid) for rid in ids)
             return self._mark_finished(outputs)
         elapsed = time.perf_counter() - start
         prefill_tokens = batch.prefill_tokens

@@ -184,3 +184,17 @@ def test_random_branches_and_aborts_leak_nothing(engine, picks, aborts):
     assert set(done) == set(ids) - aborted
     assert all(o.num_output_tokens == 6 for o in done.values())
     assert engine.stats().blocks_used == 0
+
+
+def test_a_failed_prefill_step_ends_every_branch_with_an_error(engine, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    ids = engine.add_branched_request(prose_ids(engine, 40), GREEDY, L1_GROUP)
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.runner, "run", boom)
+        outs = engine.step()
+    assert sorted(o.request_id for o in outs) == sorted(ids)
+    assert all(o.finished and o.finish_reason == "error" for o in outs)
+    assert not engine.has_unfinished_requests() and not engine.abort_request(ids[0])
+    assert engine.stats().blocks_used == 0 and engine.cache.audit().ok
