@@ -70,7 +70,10 @@ def test_last_query_ranks_by_the_newest_querys_attention_after_prefill_and_decod
                 continue
             slots = torch.tensor([slot])
             view = cache.head_view(slots)
-            scores = engine.compressor.scores(slots, view, [p], inputs.select([i]))[0]
+            # In inference mode, as the compressor runs: its workspace buffers may be
+            # inference tensors already (made by an earlier test's compression).
+            with torch.inference_mode():
+                scores = engine.compressor.scores(slots, view, [p], inputs.select([i]))[0]
             queries = newest[slot]
             for layer in range(mc.num_layers):
                 for h in range(mc.num_kv_heads):
