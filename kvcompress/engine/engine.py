@@ -265,6 +265,10 @@ class LLMEngine(EngineAnalysis, EngineBranching):
             logger.exception("engine step failed; ending its %d requests", len(batch.seqs))
             for seq in batch.seqs:
                 self._finish(seq, "error")
+                # Forks registered this step (n > 1) end with their parent.
+                for sibling in self._requests.get(seq.request_id, []):
+                    if not sibling.finished:
+                        self._finish(sibling, "error")
                 failed = self._output(seq, [])
                 # A branched prompt's prefill ends each of its requests.
                 ids = [b.request_id for b in seq.branches] or [seq.request_id]

@@ -127,3 +127,19 @@ def test_a_forked_child_preempted_mid_decode_is_recomputed_to_the_same_text(engi
         assert out.finish_reason == "length" and out.num_output_tokens == 24
         assert out.token_ids == reference[index].token_ids
     assert tight.stats().blocks_used == 0 and tight.cache.audit().ok
+
+
+def test_a_sampling_failure_at_the_fork_ends_the_request_and_every_choice(engine, monkeypatch):
+    """Forks are registered before the first sample: if sampling fails, they end too."""
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    sampling = SamplingParams(max_tokens=5, temperature=1.0, seed=2, n=3)
+    rid = engine.add_request(prose_ids(engine, 40), sampling, RATE4)
+    with monkeypatch.context() as patch:
+        patch.setattr(type(engine.sampler), "__call__", boom)
+        outs = [o for o in engine.step() if o.request_id == rid]
+    assert outs and outs[-1].finished and outs[-1].finish_reason == "error"
+    assert not engine.has_unfinished_requests() and not engine.abort_request(rid)
+    assert engine.stats().blocks_used == 0 and engine.cache.audit().ok
