@@ -222,6 +222,7 @@ class Compressor:
             collection_buffer=self._metric_setting(params, "collection_buffer", dev),
             workspace=self.workspace,
             generator=self._generator,
+            exchange=self.exchange,
         )
         scores = SCORERS[params[0].effective_scorer].scores(ctx)
         col = (-1, 1, 1)

@@ -53,7 +53,9 @@ class MetricConfig:
 
     window_size: int = 32  # observation window: the last queries of each prefill chunk
     collection_buffer: int = 0  # skip query-key pairs closer than this many positions
-    pool_kernel: int = 7  # 1-D max-pool along the key axis; 1 disables pooling
+    # 1-D max-pool along the key axis; 1 disables pooling. 21, not the paper's 7: a number
+    # written a digit per token survives whole in the same heads (docs/quality.md).
+    pool_kernel: int = 21
 
     def __post_init__(self) -> None:
         for name in METRIC_SETTINGS:

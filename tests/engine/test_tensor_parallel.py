@@ -29,6 +29,8 @@ SETTINGS = {
     "kvcompress": KVCOMPRESS,
     # Scores from each rank's own newest queries (TOVA), not from the metric.
     "last-query": KVCOMPRESS.with_overrides(scorer="last-query"),
+    # Drawn for the whole model on every rank: the same KVs as one device.
+    "random": KVCOMPRESS.with_overrides(policy="random"),
 }
 
 

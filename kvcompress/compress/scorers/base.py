@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 import torch
 
 from kvcompress.cache import HeadView, PagedKVCache
+from kvcompress.compress.exchange import ChunkScoreExchange
 from kvcompress.compress.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -57,6 +58,8 @@ class ScoreContext(NamedTuple):
     collection_buffer: torch.Tensor  # [S] long: query-key distance below which nothing counts
     workspace: Workspace
     generator: torch.Generator
+    # The tensor-parallel ranks' view of the whole model (the identity on one device).
+    exchange: ChunkScoreExchange
 
     @property
     def scale(self) -> float:

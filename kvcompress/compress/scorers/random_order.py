@@ -14,5 +14,10 @@ class RandomScorer:
     query_agnostic = True
 
     def scores(self, ctx: ScoreContext) -> torch.Tensor:
-        shape = ctx.positions.shape
-        return torch.rand(shape, generator=ctx.generator, device=ctx.positions.device)
+        S, rows, width = ctx.positions.shape
+        exchange = ctx.exchange
+        # Drawn for every head of the model, as one device draws them, and this rank's rows
+        # kept: tensor-parallel ranks then evict exactly what one device would.
+        shape = (S, exchange.global_rows(rows), exchange.widest(width))
+        every = torch.rand(shape, generator=ctx.generator, device=ctx.positions.device)
+        return exchange.local(every)[..., :width]
