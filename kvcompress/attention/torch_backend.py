@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from kvcompress.attention.metadata import AttentionMetadata, ChunkMetadata, DecodeMetadata
 from kvcompress.cache import PagedKVCache
-from kvcompress.compress import decode_metric, window_metric
+from kvcompress.compress import decode_metric, pool_by_position, window_metric
 from kvcompress.compress.workspace import Workspace
 
 
@@ -128,9 +128,9 @@ class TorchAttentionBackend:
         return out if out.dtype == q.dtype else out.to(q.dtype)
 
     def _history_metric(self, layer, q, keys, visible, scale, chunk: ChunkMetadata, meta) -> None:
-        """The chunk's observation window (its last ``w`` queries) against every key it sees:
-        the new metric of the older KVs, and the initial metric of the chunk's own
-        (max-pooled along their positions, which are contiguous; older ones are not)."""
+        """The chunk's observation window (its last ``w`` queries) against every key it sees,
+        max-pooled along token positions: the new metric of every KV the head holds, older
+        ones and the chunk's own alike."""
         h = chunk.history
         assert h is not None
         cache = self.cache
@@ -145,32 +145,31 @@ class TorchAttentionBackend:
         probs = torch.softmax(logits.masked_fill(~see, float("-inf")), dim=-1)
         if chunk.metric_power == 2:
             probs = probs * probs
+        key_pos = cache.position.index_select(0, h.blocks[layer]).view(H, W)
         if config.collection_buffer:
-            key_pos = cache.position.index_select(0, h.blocks[layer]).view(H, 1, 1, W)
             query_pos = meta.append.positions[chunk.start + n - w : chunk.start + n]
-            near = (query_pos.view(1, 1, w, 1) - key_pos) < config.collection_buffer
+            near = (
+                query_pos.view(1, 1, w, 1) - key_pos.view(H, 1, 1, W)
+            ) < config.collection_buffer
             probs = probs.masked_fill(near, 0.0)
-        per_head = probs.sum(dim=2)  # [H, G, W]
-        old = h.old_lens[layer].view(H, 1, 1)
-        new_index = (old + h.query_offsets.view(1, 1, n)).expand(H, G, n)  # [H, G, n]
-        fresh = per_head.gather(2, new_index)
-        if config.pool_kernel > 1:
-            pad = config.pool_kernel // 2
-            fresh = F.max_pool1d(fresh.view(H * G, 1, n), config.pool_kernel, 1, pad).view(H, G, n)
-        older = h.offsets < old  # [H, 1, W]
-        contrib = torch.where(older, per_head, 0.0).scatter(2, new_index, fresh)
+        old = h.old_lens[layer].view(H, 1)
+        held = h.offsets < old + n  # [H, W]
+        # Pooled by position over everything the head holds, as a one-shot compression
+        # pools the whole prompt (older KVs are no longer contiguous, nor in slot order).
+        pooled = pool_by_position(probs.sum(dim=2), key_pos, held, config.pool_kernel)
+        contrib = torch.where(held.unsqueeze(1), pooled, 0.0).sum(dim=1)  # [H, W]
         bs = cache.block_size
         key_slots = (h.blocks[layer].view(H, -1, 1) * bs + h.offsets[:bs]).view(-1)
         flat = cache.metric.view(-1)
         # The window replaces the older KVs' metric rather than adding to it: the next
         # compression then ranks every held KV by the latest queries alone, as a one-shot
-        # compression ranks the whole prompt by its last window. (Summing favoured KVs that
-        # had survived many windows over the newest ones: top-1 agreement trailed one-shot
-        # compression by 0.05-0.08; see the README's long-context section.) Two adds, not an
-        # assignment: padding slots alias real ones (block 0) and must change nothing.
-        stale = torch.where(older.view(H, W), flat[key_slots].view(H, W), 0.0)
+        # compression ranks the whole prompt by its last window (summing favoured KVs that
+        # had survived many windows over the newest ones: docs/quality.md). The chunk's own
+        # slots were zeroed by the append. Two adds, not an assignment: padding slots alias
+        # real ones (block 0) and must change nothing.
+        stale = torch.where(h.offsets < old, flat[key_slots].view(H, W), 0.0)
         flat.index_add_(0, key_slots, stale.view(-1).neg())
-        flat.index_add_(0, key_slots, contrib.sum(dim=1).view(-1))
+        flat.index_add_(0, key_slots, contrib.view(-1))
 
     @staticmethod
     def _causal(q, k, v, scale) -> torch.Tensor:

@@ -9,6 +9,7 @@ from kvcompress.compress.metrics import (
     MetricConfig,
     decode_metric,
     pool_and_group,
+    pool_by_position,
     window_metric,
 )
 from kvcompress.compress.params import (
@@ -60,6 +61,7 @@ __all__ = [
     "kept_kvs",
     "last_query_attention",
     "pool_and_group",
+    "pool_by_position",
     "queries_seen",
     "shared_prefill_signature",
     "window_metric",

@@ -97,6 +97,35 @@ def pool_and_group(per_head: torch.Tensor, num_kv_heads: int, pool_kernel: int) 
     return per_head.view(num_kv_heads, num_q_heads // num_kv_heads, T).sum(dim=1)
 
 
+def pool_by_position(
+    scores: torch.Tensor,  # [H, G, W] per query head, in each KV head's slot order
+    positions: torch.Tensor,  # [H, W] each slot's token position
+    valid: torch.Tensor,  # [H, W] bool: the slots the head holds
+    pool_kernel: int,
+) -> torch.Tensor:
+    """Max-pool ``scores`` along token positions when a head's KVs are neither contiguous
+    nor in position order (after compaction): each slot takes the maximum over the held
+    slots within ``pool_kernel // 2`` positions of its own. On contiguous positions this is
+    the window metric's ``max_pool1d``."""
+    if pool_kernel <= 1:
+        return scores
+    H, G, W = scores.shape
+    r = pool_kernel // 2
+    far = 1 << 62  # unheld slots sort last and are never near a held one
+    pos = torch.where(valid, positions.long(), far)
+    order = pos.argsort(dim=-1)
+    by_pos = pos.gather(-1, order)
+    rows = order.unsqueeze(1).expand(H, G, W)
+    ranked = scores.gather(-1, rows)
+    # Each slot's pool_kernel neighbours in position order: held KVs are sparse, so only
+    # those within r positions count (a slot always counts itself).
+    near = F.pad(by_pos, (r, r), value=far).unfold(-1, pool_kernel, 1)  # [H, W, k]
+    near = (near - by_pos.unsqueeze(-1)).abs() <= r
+    window = F.pad(ranked, (r, r), value=float("-inf")).unfold(-1, pool_kernel, 1)
+    pooled = window.masked_fill(~near.unsqueeze(1), float("-inf")).amax(dim=-1)
+    return torch.empty_like(scores).scatter_(-1, rows, pooled)
+
+
 def decode_metric(probs: torch.Tensor, power: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """What one decode step adds to each KV's metric.
 

@@ -253,8 +253,9 @@ def reference_chunk(q, k_new, v_new, old_k, old_v, old_pos, start_pos, power, co
     """One KV head's chunk against the head's older KVs, from first principles.
 
     ``q [n, G, D]``; ``old_* [m, ...]``. Returns the output ``[n, G, D]``, the older KVs'
-    metric after the chunk ``[m]`` (the window's alone: it replaces what they held) and the
-    new KVs' metric ``[n]``.
+    metric after the chunk ``[m]`` and the new KVs' metric ``[n]``: the window's alone (it
+    replaces what the older KVs held), max-pooled over every held KV within
+    ``pool_kernel // 2`` positions.
     """
     n, m = q.shape[0], old_k.shape[0]
     out = torch.empty(n, G, D)
@@ -263,7 +264,9 @@ def reference_chunk(q, k_new, v_new, old_k, old_v, old_pos, start_pos, power, co
         for g in range(G):
             out[i, g], _ = attend(q[i, g], keys, values)
     w = min(config.window_size, n)
-    gained_old, gained_new = torch.zeros(m), torch.zeros(n)
+    every_pos = torch.cat([old_pos, start_pos + torch.arange(n)])
+    r = config.pool_kernel // 2
+    metric = torch.zeros(m + n)
     for g in range(G):
         per_query_head = torch.zeros(m + n)
         for i in range(n - w, n):
@@ -271,15 +274,13 @@ def reference_chunk(q, k_new, v_new, old_k, old_v, old_pos, start_pos, power, co
                 q[i, g], torch.cat([old_k, k_new[: i + 1]]), old_v.new_zeros(m + i + 1, D)
             )
             p = p**power
-            key_pos = torch.cat([old_pos, start_pos + torch.arange(i + 1)])
+            key_pos = every_pos[: m + i + 1]
             p = torch.where(start_pos + i - key_pos < config.collection_buffer, 0.0, p)
             per_query_head[: m + i + 1] += p
-        fresh = per_query_head[m:]
-        pad = config.pool_kernel // 2
-        fresh = torch.nn.functional.max_pool1d(fresh.view(1, 1, n), config.pool_kernel, 1, pad)
-        gained_old += per_query_head[:m]
-        gained_new += fresh.view(n)
-    return out, gained_old, gained_new
+        for j in range(m + n):
+            near = (every_pos - every_pos[j]).abs() <= r
+            metric[j] += per_query_head[near].max()
+    return out, metric[:m], metric[m:]
 
 
 CHUNK_SETTINGS = [

@@ -2,8 +2,10 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kvcompress.compress import MetricConfig, decode_metric, window_metric
+from kvcompress.compress import MetricConfig, decode_metric, pool_by_position, window_metric
 from kvcompress.errors import InvalidParameterError
 
 
@@ -63,3 +65,37 @@ def test_metric_config_validation_names_the_setting(kwargs, param):
     with pytest.raises(InvalidParameterError) as err:
         MetricConfig(**kwargs)
     assert err.value.param == param
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    width=st.integers(1, 24),
+    kernel=st.sampled_from([1, 3, 7, 21]),
+    seed=st.integers(0, 2**16),
+)
+def test_pool_by_position_takes_the_max_over_held_kvs_within_the_radius(width, kernel, seed):
+    """Held KVs in scrambled slot order with gaps between positions (as after compaction),
+    some slots unheld: each held slot gets the max over held slots within kernel // 2."""
+    gen = torch.Generator().manual_seed(seed)
+    H, G = 2, 3
+    positions = torch.stack([torch.randperm(3 * width, generator=gen)[:width] for _ in range(H)])
+    valid = torch.rand(H, width, generator=gen) < 0.8
+    scores = torch.rand(H, G, width, generator=gen)
+    got = pool_by_position(scores, positions, valid, kernel)
+    r = kernel // 2
+    for h in range(H):
+        for j in range(width):
+            if not valid[h, j]:
+                continue
+            near = valid[h] & ((positions[h] - positions[h, j]).abs() <= r)
+            for g in range(G):
+                assert got[h, g, j] == scores[h, g][near].max()
+
+
+def test_pool_by_position_on_contiguous_positions_is_max_pool1d():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(3, 2, 40, generator=gen)
+    positions = torch.arange(40).expand(3, 40)
+    want = torch.nn.functional.max_pool1d(scores.view(6, 1, 40), 7, 1, 3).view(3, 2, 40)
+    got = pool_by_position(scores, positions, torch.ones(3, 40, dtype=torch.bool), 7)
+    assert torch.equal(got, want)
