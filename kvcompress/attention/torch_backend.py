@@ -3,10 +3,10 @@
 A step holds decode rows and prefill chunks (see :mod:`kvcompress.attention.metadata`).
 A first chunk attends within its own tokens (causal SDPA) and sets the observation-window
 metric of its KVs. A later chunk gathers what each of its KV heads already holds and
-attends to that and, causally, to itself; its window replaces the older KVs' metric and
-initialises its own. Decode gathers each KV head's blocks up to that head's own length, so
-each query head reads its KV head's block table; the step's attention probabilities are
-added to the metric of every KV they attended to.
+attends to that and, causally, to itself; its window, max-pooled by position over every KV
+held, replaces the older KVs' metric and initialises its own. Decode gathers each KV head's
+blocks up to that head's own length, so each query head reads its KV head's block table; the
+step's attention probabilities are added to the metric of every KV they attended to.
 
 How a sequence collects (observation window, pooling kernel, collection buffer) comes with it
 in the step's metadata, so one batch may mix requests with different settings. A sequence
