@@ -8,18 +8,16 @@ processes (a file rendezvous in a temporary directory: parallel runs do not coll
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig
-from transformers import LlamaForCausalLM as HFLlama
 
 from kvcompress.compress import CompressionParams
 from kvcompress.engine import EngineConfig, LLMEngine, SamplingParams
 from kvcompress.errors import InvalidParameterError
-from tests.models.test_loader import save_tokenizer
+from tests.models.test_loader import save_random_llama
 
 KVCOMPRESS = CompressionParams(
     policy="kvcompress", compression_rate=4, min_cache_tokens=8, protected_window=8
@@ -46,14 +44,7 @@ def tiny_llama(path: Path, num_kv_heads: int, num_heads: int) -> Path:
         eos_token_id=2,
         bos_token_id=1,
     )
-    torch.manual_seed(0)
-    hf = HFLlama(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-    hf.save_pretrained(path)
-    save_tokenizer(path, cfg.vocab_size)
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    save_random_llama(path, cfg, 2)
     return path
 
 

@@ -40,6 +40,22 @@ def save_tokenizer(path: Path, vocab_size: int) -> PreTrainedTokenizerFast:
     return fast
 
 
+def save_random_llama(
+    path: Path, cfg: LlamaConfig, eos_token_id: int | list[int], **save_options: Any
+) -> HFLlama:
+    """A Llama of random weights (scaled so that its logits vary) saved as a Hugging Face
+    directory, with a tokenizer and a generation config."""
+    torch.manual_seed(0)
+    hf = HFLlama(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    hf.save_pretrained(path, **save_options)
+    save_tokenizer(path, cfg.vocab_size)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_token_id}))
+    return hf
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     path = tmp_path_factory.mktemp("hf-llama")
@@ -54,14 +70,7 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
         eos_token_id=2,
         bos_token_id=1,
     )
-    torch.manual_seed(0)
-    hf = HFLlama(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-    hf.save_pretrained(path, max_shard_size="100KB")  # several shards and an index
-    save_tokenizer(path, cfg.vocab_size)
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    hf = save_random_llama(path, cfg, [2, 7], max_shard_size="100KB")  # several shards
     return path, hf
 
 
