@@ -80,16 +80,16 @@ class DeltaTracker:
 
 
 def _envelope(
-    request_id: str, object_type: str, created: int, model: str, choice: dict[str, Any]
+    request_id: str, object_type: str, created: int, model: str, *choices: dict[str, Any]
 ) -> dict[str, Any]:
-    """The fields every completion and chat body or chunk shares, around one choice."""
+    """The fields every completion and chat body or chunk shares, around its choices."""
     return {
         "id": request_id,
         "object": object_type,
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [choice],
+        "choices": list(choices),
     }
 
 
@@ -155,12 +155,4 @@ def usage_chunk(
     request_id: str, created: int, model: str, object_type: str, usage_: dict[str, int]
 ) -> dict[str, Any]:
     """The extra last chunk of ``stream_options.include_usage``: no choices, only usage."""
-    return {
-        "id": request_id,
-        "object": object_type,
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [],
-        "usage": usage_,
-    }
+    return _envelope(request_id, object_type, created, model) | {"usage": usage_}
