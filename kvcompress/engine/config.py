@@ -9,6 +9,7 @@ import torch
 from kvcompress.attention import ATTENTION_BACKENDS
 from kvcompress.cache import kv_dtype_from_name, parse_size
 from kvcompress.compress import CompressionParams, MetricConfig
+from kvcompress.models import packing_available
 
 
 @dataclass
@@ -36,6 +37,10 @@ class EngineConfig:
     # with a scale per (layer, KV head), see kvcompress/cache/quant.py). Resolved likewise.
     kv_cache_dtype: torch.dtype | str = "auto"
     attention_backend: str = "auto"  # auto (Triton on CUDA), torch or triton
+    # A oneDNN-blocked copy of every linear weight for products of 4+ rows (batched decode,
+    # prefill): auto (on for float32 on CPU), on or off. Faster batched steps on CPU
+    # (kvcompress/models/parallel.py has the measurements), the weights' memory twice.
+    packed_weights: str = "auto"
     device: str = "cpu"
     seed: int = 0
     # Ranks the model is sharded over (torch.distributed: NCCL on CUDA, gloo on CPU), one
@@ -74,8 +79,30 @@ class EngineConfig:
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, "
                 f"got {self.attention_backend!r}"
             )
+        if self.packed_weights not in PACKED_WEIGHTS:
+            raise ValueError(
+                f"packed_weights must be one of {PACKED_WEIGHTS}, got {self.packed_weights!r}"
+            )
+        if self.packed_weights == "on" and not self._can_pack:
+            raise ValueError(
+                "packed_weights 'on' needs float32 weights on CPU and a torch built with "
+                f"oneDNN (got dtype {self.dtype} on {self.device})"
+            )
         if not isinstance(self.compression, CompressionParams):
             raise TypeError("compression must be a CompressionParams")
+
+    @property
+    def _can_pack(self) -> bool:
+        return (
+            self.dtype == torch.float32
+            and torch.device(self.device).type == "cpu"
+            and packing_available()
+        )
+
+    @property
+    def packs_weights(self) -> bool:
+        """Whether the model keeps blocked copies of its weights (``packed_weights``)."""
+        return self.packed_weights == "on" or (self.packed_weights == "auto" and self._can_pack)
 
     @property
     def chunk_size(self) -> int:
@@ -86,6 +113,7 @@ class EngineConfig:
         return 512 if torch.device(self.device).type == "cpu" else 2048
 
 
+PACKED_WEIGHTS = ("auto", "on", "off")
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -25,7 +25,7 @@ from kvcompress.compress import AllGatherExchange, CompressionParams, Compressor
 from kvcompress.engine.config import EngineConfig
 from kvcompress.engine.model_runner import ModelRunner
 from kvcompress.engine.outputs import KVStats, RankBlocks
-from kvcompress.models import LoadedModel, load_model
+from kvcompress.models import LoadedModel, load_model, pack_linear_weights
 from kvcompress.models.parallel import ShardLayout, TensorParallel
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ def build_rank(
 ) -> Rank:
     """This process's model (shard), cache, backend, compressor and runner."""
     loaded = load_model(config.model, dtype=config.dtype, device=device, tp=tp)
+    if config.packs_weights:
+        pack_linear_weights(loaded.model)
     mc = loaded.config
     max_model_len = min(
         config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings

@@ -9,6 +9,7 @@ from kvcompress.models.loader import (
     load_config,
     load_model,
 )
+from kvcompress.models.parallel import pack_linear_weights, packing_available
 
 __all__ = [
     "LlamaForCausalLM",
@@ -18,4 +19,6 @@ __all__ = [
     "default_model_path",
     "load_config",
     "load_model",
+    "pack_linear_weights",
+    "packing_available",
 ]

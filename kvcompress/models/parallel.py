@@ -126,13 +126,53 @@ def shard_index(name: str, config: ModelConfig, layout: ShardLayout) -> tuple[sl
     return None
 
 
+# From this many rows (tokens) up, a float32 product on CPU runs faster on oneDNN's blocked
+# copy of the weight than in MKL's sgemm over the dense one. Measured on one core, weights
+# not in cache, [M, 576] x [576, 1536], dense / blocked: M=2 0.29 / 0.31 ms, M=4 0.43 / 0.33,
+# M=12 0.77 / 0.42, M=32 0.89 / 0.66, M=512 5.7 / 5.9; the LM head ([576, 49152]) at M=12:
+# 38.7 / 11.6 ms. Below it MKL's matrix-vector path wins (M=3: 0.21 / 0.26 ms).
+PACKED_MIN_ROWS = 4
+
+
+def packing_available() -> bool:
+    """Whether this torch build can pack linear weights (:func:`pack_linear_weights`)."""
+    return torch.backends.mkldnn.is_available()
+
+
+def pack_linear_weights(model: torch.nn.Module) -> None:
+    """Give every :class:`Linear` of ``model`` (float32, on CPU, weights loaded) its
+    blocked copy: faster batched steps, for twice the weights' memory."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.pack_weight()
+
+
 class Linear(torch.nn.Linear):
+    # oneDNN's blocked copy of the weight, or None. Not a parameter nor a buffer, so it stays
+    # out of the state dict (read by transformers and the tensor-parallel loader).
+    packed_weight: torch.Tensor | None = None
+
     def reset_parameters(self) -> None:
         # Meta-device parameters exist only to be replaced by loaded weights. Initialising
         # them is wasted work and, on meta, routes through torch's reference ops, which
         # import torch._dynamo: most of a warm model load.
         if not self.weight.is_meta:
             super().reset_parameters()
+
+    def pack_weight(self) -> None:
+        """Keep a oneDNN-blocked copy of the (float32, CPU) weight beside the dense one, for
+        products of ``PACKED_MIN_ROWS`` rows or more: batched decode steps and prefill
+        chunks. Call it once the weight is final (it copies the weight's current values)."""
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 16)
+
+    def product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x W^T + bias`` for ``x`` of ``[rows, in_features]``."""
+        if self.packed_weight is not None and x.shape[0] >= PACKED_MIN_ROWS:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
+        return F.linear(x, self.weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.product(x, self.bias)
 
 
 class RowParallelLinear(Linear):
@@ -145,6 +185,6 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return super().forward(x)
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+        out = self.tp.all_reduce(self.product(x, None))
         # After the sum: each rank adding the bias would add it ``size`` times.
         return out if self.bias is None else out.add_(self.bias)

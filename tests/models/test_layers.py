@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvcompress.models.llama import RMSNorm
+from kvcompress.models import ModelConfig, pack_linear_weights, packing_available
+from kvcompress.models.llama import LlamaForCausalLM, RMSNorm
+from kvcompress.models.parallel import PACKED_MIN_ROWS, Linear
 
 
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -32,3 +34,47 @@ def test_in_place_gating_is_bit_for_bit_the_plain_one() -> None:
     g, u = torch.randn(5, 96), torch.randn(5, 96)
     expected = F.silu(g) * u
     assert torch.equal(F.silu(g.clone(), inplace=True).mul_(u), expected)
+
+
+@pytest.mark.skipif(not packing_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, PACKED_MIN_ROWS, 12, 64, 513])
+def test_packed_linear_computes_the_dense_product(rows: int, bias: bool) -> None:
+    torch.manual_seed(rows)
+    linear = Linear(96, 200, bias=bias)
+    x = torch.randn(rows, 96)
+    with torch.inference_mode():
+        dense = linear(x)
+        state = dict(linear.state_dict())
+        linear.pack_weight()
+        packed = linear(x)
+        if rows < PACKED_MIN_ROWS:  # below the threshold the dense weight serves
+            assert torch.equal(packed, dense)
+        torch.testing.assert_close(packed, dense, atol=1e-5, rtol=1e-5)
+        # The blocked copy stays out of the state dict, which still holds the dense weight.
+        assert linear.state_dict().keys() == state.keys()
+        assert torch.equal(linear.state_dict()["weight"], state["weight"])
+
+
+@pytest.mark.skipif(not packing_available(), reason="torch built without oneDNN")
+def test_packing_a_model_packs_every_linear_and_keeps_its_logits() -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    hidden = torch.randn(6, 32)
+    with torch.inference_mode():
+        dense = model.compute_logits(hidden)
+        pack_linear_weights(model)
+        linears = [m for m in model.modules() if isinstance(m, Linear)]
+        assert len(linears) == 2 * 7 + 1 and all(m.packed_weight is not None for m in linears)
+        torch.testing.assert_close(model.compute_logits(hidden), dense, atol=1e-5, rtol=1e-5)
