@@ -28,12 +28,16 @@ class DecodeMetadata:
     """What every layer of a step gathers for its decode rows: the same rows of each
     layer's tables."""
 
-    # [L, B * H * max_blocks] block ids to gather, per layer (0 where a head holds fewer
-    # blocks: those slots are masked out by ``lens``).
+    # [L, B, H, max_blocks] block ids to gather (0 where a head holds fewer blocks: those
+    # slots are masked out by ``lens``); layer ``l`` gathers the first ``layer_blocks[l]``.
     blocks: torch.Tensor
     lens: torch.Tensor  # [L, B, H, 1] KVs held by each head, this step's token included
     offsets: torch.Tensor  # [max_blocks * block_size] 0, 1, ...: slot index within a head
-    max_blocks: int  # blocks gathered per head: the most any (layer, head) of the batch holds
+    max_blocks: int  # the most blocks any (layer, head) of the batch holds
+    # Blocks gathered per head at each layer: the most any head of the batch holds there.
+    # Heads keep different numbers of KVs and layers differ most (a compressed batch's
+    # widest layer holds about twice its mean), so each layer reads only its own width.
+    layer_blocks: tuple[int, ...]
     positions: torch.Tensor  # [B] position of each decode token
     metric_power: torch.Tensor  # [B] 1 or 2, and 0 for a sequence that collects no metric
     any_metric: bool  # some decode sequence collects the metric
@@ -43,9 +47,17 @@ class DecodeMetadata:
     # needs no mask: the gathered rows are cut to it instead. Usual without compression.
     uniform_len: int | None = None
 
+    def layer_block_ids(self, layer: int) -> torch.Tensor:
+        """``[B * H * layer_blocks[layer]]``: the block ids layer ``layer`` gathers."""
+        return self.blocks[layer, :, :, : self.layer_blocks[layer]].reshape(-1)
+
+    def layer_offsets(self, layer: int) -> torch.Tensor:
+        """``[width]`` slot indices within a head at layer ``layer``."""
+        return self.offsets[: self.layer_blocks[layer] * self.block_size]
+
     @property
-    def width(self) -> int:
-        return self.offsets.numel()
+    def block_size(self) -> int:
+        return self.offsets.numel() // self.max_blocks
 
 
 @dataclass
@@ -155,12 +167,16 @@ def build_metadata(
         longest = max(append.seq_max_lens[:num_decode])
         shortest = min(append.seq_min_lens[:num_decode])
         max_blocks = max(1, -(-longest // bs))
+        layer_blocks = tuple(
+            max(1, -(-max(lens[:num_decode]) // bs)) for lens in append.layer_max_lens
+        )
         tables = cache.block_tables[:, rows, :, :max_blocks]  # [L, B, H, nb]
         decode = DecodeMetadata(
-            blocks=tables.clamp(min=0).reshape(cache.num_layers, -1),
+            blocks=tables.clamp(min=0),
             lens=cache.context_lens[:, rows].unsqueeze(-1),
             offsets=torch.arange(max_blocks * bs, device=dev),
             max_blocks=max_blocks,
+            layer_blocks=layer_blocks,
             positions=append.positions[:num_decode],
             metric_power=metric_power[:num_decode],
             any_metric=any(p > 0 for p in metric_powers[:num_decode]),

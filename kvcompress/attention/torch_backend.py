@@ -190,15 +190,15 @@ class TorchAttentionBackend:
 
     # ------------------------------------------------------------------ decode
     def _gather(self, layer: int, d: DecodeMetadata, batch: int, dtype: torch.dtype | None = None):
-        """This layer's K and V of every head of the batch, ``[B, H, W, D]``; an fp8 cache's
-        are dequantised to ``dtype`` (the queries')."""
+        """This layer's K and V of every head of the batch, ``[B, H, W, D]`` with ``W`` the
+        layer's own width; an fp8 cache's are dequantised to ``dtype`` (the queries')."""
         cache = self.cache
-        index = d.blocks[layer]
+        index = d.layer_block_ids(layer)
         shape = (index.numel(), cache.block_size, cache.head_dim)
         ws = self.workspace
         k = torch.index_select(cache.k_pool, 0, index, out=ws.get("k", shape, cache.k_pool.dtype))
         v = torch.index_select(cache.v_pool, 0, index, out=ws.get("v", shape, cache.v_pool.dtype))
-        view = (batch, cache.num_kv_heads, d.width, cache.head_dim)
+        view = (batch, cache.num_kv_heads, d.layer_blocks[layer] * cache.block_size, cache.head_dim)
         k, v = k.view(view), v.view(view)
         if cache.quantized:
             k = cache.dequantize(layer, k, "k", dtype or torch.float32)
@@ -222,10 +222,10 @@ class TorchAttentionBackend:
             if n is not None:  # every head holds n KVs: no mask, just the first n slots
                 out = F.scaled_dot_product_attention(qh, k[:, :, :n], v[:, :, :n])
             else:
-                valid = (d.offsets < d.lens[layer]).unsqueeze(2)  # [B, H, 1, W]
+                valid = (d.layer_offsets(layer) < d.lens[layer]).unsqueeze(2)  # [B, H, 1, W]
                 out = F.scaled_dot_product_attention(qh, k, v, attn_mask=valid)
         else:
-            valid = (d.offsets < d.lens[layer]).unsqueeze(2)
+            valid = (d.layer_offsets(layer) < d.lens[layer]).unsqueeze(2)
             logits = torch.matmul(qh, k.transpose(-1, -2)).float() * D**-0.5  # [B, H, G, W]
             logits = logits.masked_fill_(~valid, float("-inf"))
             probs = torch.softmax(logits, dim=-1)
@@ -241,7 +241,7 @@ class TorchAttentionBackend:
         B, H, G, W = probs.shape
         bs = self.cache.block_size
         # Flat slot of every gathered KV (padding maps into block 0 and adds exactly 0).
-        blocks = d.blocks[layer].view(B, H, -1, 1)
+        blocks = d.layer_block_ids(layer).view(B, H, -1, 1)
         key_slots = (blocks * bs + d.offsets[:bs]).view(B, H, W)
         power = d.metric_power  # 0 where a sequence collects nothing
         contrib = decode_metric(probs.view(B, H * G, W), power, H)  # [B, H, W]

@@ -46,10 +46,12 @@ class AppendPlan(NamedTuple):
     positions: torch.Tensor  # [N] long
     token_seq_index: torch.Tensor  # [N] long: index into the step's seq_slots
     # KVs held by the fullest and the emptiest (layer, head) row of each sequence after the
-    # append: the width a step gathers and whether it needs a mask, known on the host
-    # without another device sync.
+    # append, and by the fullest head of each sequence at each layer (``[layer][seq]``): the
+    # widths a step gathers and whether it needs a mask, known on the host without another
+    # device sync.
     seq_max_lens: tuple[int, ...] = ()
     seq_min_lens: tuple[int, ...] = ()
+    layer_max_lens: tuple[tuple[int, ...], ...] = ()
 
 
 class HeadView(NamedTuple):
@@ -288,9 +290,12 @@ class PagedKVCache:
         counts = torch.stack(
             (need.sum(), num_tokens.sum(), num_tokens.max(), new_seq_lens.max(), cow.sum())
         )
-        host = torch.cat((counts, new_lens.amax(dim=(0, 2)), new_lens.amin(dim=(0, 2)))).tolist()
+        head_max = new_lens.amax(dim=2)  # [L, B]
+        host = torch.cat((counts, new_lens.amin(dim=(0, 2)), head_max.reshape(-1))).tolist()
         total, n_total, most, max_seq_len, n_cow = host[:5]
-        seq_max, seq_min = tuple(host[5 : 5 + B]), tuple(host[5 + B :])
+        seq_min = tuple(host[5 : 5 + B])
+        layer_max = tuple(tuple(host[5 + B * (1 + i) : 5 + B * (2 + i)]) for i in range(L))
+        seq_max = tuple(map(max, zip(*layer_max, strict=True)))
         if max_seq_len > self.config.max_model_len:
             raise ValueError(
                 f"append would exceed max_model_len={self.config.max_model_len} tokens"
@@ -338,7 +343,7 @@ class PagedKVCache:
         self.metric.view(-1)[flat] = 0.0
         self.context_lens[:, seq_slots, :] = new_lens
         self.seq_lens[seq_slots] = new_seq_lens
-        return AppendPlan(slots, positions, tok_seq, seq_max, seq_min)
+        return AppendPlan(slots, positions, tok_seq, seq_max, seq_min, layer_max)
 
     def _check_append(self, seq_slots: torch.Tensor, num_tokens: torch.Tensor) -> None:
         if bool((num_tokens < 0).any()):

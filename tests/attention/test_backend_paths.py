@@ -209,7 +209,8 @@ def test_metadata_zeroes_the_power_of_sequences_that_collect_nothing() -> None:
     assert meta.decode.any_metric and not meta.chunks
     assert meta.decode.max_blocks == 2  # 5 KVs, blocks of 4
     assert meta.decode.uniform_len is None  # 4 and 5 KVs
-    assert meta.decode.blocks.shape == (LAYERS, 2 * KV_HEADS * 2)
+    assert meta.decode.blocks.shape == (LAYERS, 2, KV_HEADS, 2)
+    assert meta.decode.layer_blocks == (2,) * LAYERS
     assert meta.write_slots.shape == (LAYERS, 2 * KV_HEADS)
 
 

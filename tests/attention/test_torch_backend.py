@@ -8,6 +8,8 @@ that attends to slots past a head's length (stale KVs left behind by a compactio
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -216,10 +218,16 @@ def test_decode_after_compaction_attends_to_exactly_the_kept_kvs(collect):
     slots, keys = fill(cache, [13, 22], gen)
     protected = 3
     params = CompressionParams(compression_rate=2.5, protected_window=protected, min_cache_tokens=0)
+    for s, h in itertools.product(slots, range(H)):  # layer 0 matters most: it keeps more
+        cache.metric.view(-1)[held_slots(cache, 0, s, h)] += 10.0
     stats = Compressor(cache).compress(slots, [params, params])
     assert stats.kvs_evicted > 0
     assert len(set(cache.context_lens[:, slots].reshape(-1).tolist())) > 1  # ragged heads
     meta = _meta(cache, slots, [1, 1], False, [2, 2], [collect, collect])
+    # Each layer gathers its own widest head's blocks, not the batch's widest overall.
+    widest = cache.context_lens[:, slots].amax(dim=(1, 2))
+    assert list(meta.decode.layer_blocks) == (-(-widest // cache.block_size)).tolist()
+    assert len(set(meta.decode.layer_blocks)) > 1
     for layer in range(L):
         q = torch.randn(2, HQ, D, generator=gen)
         k, v = torch.randn(2, 2, H, D, generator=gen)
