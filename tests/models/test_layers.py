@@ -10,6 +10,8 @@ from kvcompress.models import ModelConfig, pack_linear_weights, packing_availabl
 from kvcompress.models.llama import LlamaForCausalLM, RMSNorm
 from kvcompress.models.parallel import PACKED_MIN_ROWS, Linear
 
+from .test_config import BASE
+
 
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm, operation for operation."""
@@ -59,19 +61,8 @@ def test_packed_linear_computes_the_dense_product(rows: int, bias: bool) -> None
 @pytest.mark.skipif(not packing_available(), reason="torch built without oneDNN")
 def test_packing_a_model_packs_every_linear_and_keeps_its_logits() -> None:
     torch.manual_seed(0)
-    config = ModelConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
-    hidden = torch.randn(6, 32)
+    model = LlamaForCausalLM(ModelConfig(**BASE, tie_word_embeddings=True))
+    hidden = torch.randn(6, BASE["hidden_size"])
     with torch.inference_mode():
         dense = model.compute_logits(hidden)
         pack_linear_weights(model)
