@@ -3,6 +3,11 @@
 Fills a cache with sequences shaped like a real model, gives each (layer, head) a metric
 distribution of its own (some heads concentrate attention, some spread it), compresses at
 each rate, and reports KVs seen, kept and physically held.
+
+The time is one ``Compressor.compress`` call: scoring (the request's scorer, ``window`` by
+default: the stored metric; ``--scorer`` picks another), planning and compaction. The
+``last-query`` scorer reads each sequence's newest query, which the bench draws at random
+(``num_q_heads`` query heads per layer, as the engine would hand it).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcompress.cache import CacheConfig, PagedKVCache
-from kvcompress.compress import CompressionParams, Compressor, exact_rates
+from kvcompress.compress import SCORERS, CompressionParams, Compressor, ScorerInputs, exact_rates
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,8 @@ class MemoryBenchConfig:
     rates: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64)
     num_layers: int = 30
     num_kv_heads: int = 3
+    # Query heads per layer (the default model's 9), for the query the last-query scorer reads.
+    num_q_heads: int = 9
     head_dim: int = 64
     repeats: int = 3
     seed: int = 0
@@ -32,9 +39,15 @@ class MemoryBenchConfig:
     compression: CompressionParams = field(default_factory=exact_rates)
 
     def __post_init__(self) -> None:
-        for name in ("prompt_len", "num_seqs", "repeats", "num_layers", "num_kv_heads", "head_dim"):
+        names = ("prompt_len", "num_seqs", "repeats", "num_layers", "num_kv_heads", "head_dim")
+        for name in (*names, "num_q_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_q_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_q_heads ({self.num_q_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
         if not self.rates or any(r < 1 for r in self.rates):
             raise ValueError(f"rates must be numbers >= 1, got {self.rates}")
 
@@ -60,6 +73,14 @@ def _fill(cache: PagedKVCache, cfg: MemoryBenchConfig, generator: torch.Generato
     return slots
 
 
+def _scorer_inputs(cfg: MemoryBenchConfig, generator: torch.Generator) -> ScorerInputs:
+    """What the engine would hand the compressor for the configured scorer."""
+    if "last_queries" not in SCORERS[cfg.compression.effective_scorer].requires:
+        return ScorerInputs()
+    shape = (cfg.num_seqs, cfg.num_layers, cfg.num_q_heads, cfg.head_dim)
+    return ScorerInputs(last_queries=torch.randn(shape, generator=generator))
+
+
 def run_memory_bench(cfg: MemoryBenchConfig) -> list[dict]:
     kvs_per_seq = cfg.prompt_len * cfg.num_layers * cfg.num_kv_heads
     blocks_per_head = -(-cfg.prompt_len // cfg.block_size)
@@ -76,12 +97,13 @@ def run_memory_bench(cfg: MemoryBenchConfig) -> list[dict]:
     cache = PagedKVCache(cache_cfg)
     compressor = Compressor(cache, seed=cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
+    inputs = _scorer_inputs(cfg, generator)
 
     def one_run(rate: float) -> tuple[float, int, int]:
         slots = _fill(cache, cfg, generator)
         params = cfg.compression.with_overrides(compression_rate=float(rate))
         start = time.perf_counter()
-        compressor.compress(slots, [params] * len(slots))
+        compressor.compress(slots, [params] * len(slots), inputs)
         seconds = time.perf_counter() - start
         kept = int(cache.context_lens[:, slots].sum())
         physical = cache.pool.num_used * cfg.block_size

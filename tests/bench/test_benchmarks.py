@@ -50,6 +50,34 @@ def test_memory_bench_json_is_one_document(capsys):
     assert {"kvs_seen", "kvs_kept", "physical_kvs", "ms_per_million_kvs"} <= set(doc["rows"][0])
 
 
+@pytest.mark.parametrize("scorer", ["window", "key-norm", "expected-attention", "last-query"])
+def test_memory_bench_times_every_scorer(scorer):
+    # last-query needs the newest query, which the bench draws (the engine would hand it).
+    cfg = MemoryBenchConfig(
+        prompt_len=128,
+        num_seqs=2,
+        num_layers=2,
+        rates=(4,),
+        repeats=1,
+        compression=CompressionParams(min_cache_tokens=0, scorer=scorer),
+    )
+    (row,) = run_memory_bench(cfg)
+    assert row["kvs_kept"] < row["kvs_seen"]
+    assert row["physical_kvs"] == row["kvs_kept"]
+    assert row["ms_per_million_kvs"] > 0
+
+
+def test_memory_bench_header_names_the_scorer(capsys):
+    argv = ["bench", "memory", "--prompt-len", "64", "--num-seqs", "1", "--rates", "2"]
+    assert main([*argv, "--repeats", "1", "--scorer", "last-query"]) == 0
+    assert "scorer last-query" in capsys.readouterr().out
+
+
+def test_memory_bench_refuses_query_heads_not_a_multiple_of_kv_heads():
+    with pytest.raises(ValueError, match="num_q_heads"):
+        MemoryBenchConfig(num_q_heads=4, num_kv_heads=3)
+
+
 def test_bad_rates_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "memory", "--rates", "0.5"])

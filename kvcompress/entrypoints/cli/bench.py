@@ -198,7 +198,9 @@ def run_memory(args: argparse.Namespace) -> int:
         f"memory benchmark: {cfg.num_seqs} sequences x {cfg.prompt_len} tokens, "
         f"{cfg.num_layers} layers x {cfg.num_kv_heads} KV heads x head dim {cfg.head_dim}, "
         f"block size {cfg.block_size}, policy {cfg.compression.policy}, "
-        f"protected window {cfg.compression.protected_window}"
+        f"scorer {cfg.compression.effective_scorer}, "
+        f"protected window {cfg.compression.protected_window}; "
+        "ms_per_million_kvs: scoring + planning + compaction"
     )
     emit_report(cfg, run_memory_bench(cfg), args.json, header)
     return 0
