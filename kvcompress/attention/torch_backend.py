@@ -189,11 +189,18 @@ class TorchAttentionBackend:
         return o.transpose(1, 2)  # [B, n, Hq, D]
 
     # ------------------------------------------------------------------ decode
-    def _gather(self, layer: int, d: DecodeMetadata, batch: int, dtype: torch.dtype | None = None):
+    def _gather(
+        self,
+        layer: int,
+        d: DecodeMetadata,
+        index: torch.Tensor,
+        batch: int,
+        dtype: torch.dtype | None = None,
+    ):
         """This layer's K and V of every head of the batch, ``[B, H, W, D]`` with ``W`` the
-        layer's own width; an fp8 cache's are dequantised to ``dtype`` (the queries')."""
+        layer's own width (``index``: its block ids, ``d.layer_block_ids(layer)``); an fp8
+        cache's are dequantised to ``dtype`` (the queries')."""
         cache = self.cache
-        index = d.layer_block_ids(layer)
         shape = (index.numel(), cache.block_size, cache.head_dim)
         ws = self.workspace
         k = torch.index_select(cache.k_pool, 0, index, out=ws.get("k", shape, cache.k_pool.dtype))
@@ -209,7 +216,8 @@ class TorchAttentionBackend:
         d = meta.decode
         assert d is not None, "decode metadata is built by build_metadata"
         B, Hq, D = q.shape
-        k, v = self._gather(layer, d, B, q.dtype)
+        index = d.layer_block_ids(layer)  # once: the metric reads it too
+        k, v = self._gather(layer, d, index, B, q.dtype)
         H = k.shape[1]
         # Each KV head's query heads as the rows of one query block ([B, H, G, D]): every
         # head's mask then broadcasts over its group, with no per-head copy of the mask.
@@ -230,18 +238,18 @@ class TorchAttentionBackend:
             logits = logits.masked_fill_(~valid, float("-inf"))
             probs = torch.softmax(logits, dim=-1)
             out = torch.matmul(probs.to(v.dtype), v)  # [B, H, G, D]
-            self._accumulate(layer, probs, valid, meta)
+            self._accumulate(index, probs, valid, meta)
         out = out.reshape(B, Hq, D)
         return out if out.dtype == q.dtype else out.to(q.dtype)
 
-    def _accumulate(self, layer: int, probs, valid, meta: AttentionMetadata) -> None:
+    def _accumulate(self, index: torch.Tensor, probs, valid, meta: AttentionMetadata) -> None:
         """Add this step's probabilities to the metric of every KV they attended to."""
         d = meta.decode
         assert d is not None
         B, H, G, W = probs.shape
         bs = self.cache.block_size
         # Flat slot of every gathered KV (padding maps into block 0 and adds exactly 0).
-        blocks = d.layer_block_ids(layer).view(B, H, -1, 1)
+        blocks = index.view(B, H, -1, 1)
         key_slots = (blocks * bs + d.offsets[:bs]).view(B, H, W)
         power = d.metric_power  # 0 where a sequence collects nothing
         contrib = decode_metric(probs.view(B, H * G, W), power, H)  # [B, H, W]
