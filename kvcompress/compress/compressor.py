@@ -220,6 +220,7 @@ class Compressor:
             inputs=inputs or ScorerInputs(),
             window_size=self._metric_setting(params, "window_size", dev),
             collection_buffer=self._metric_setting(params, "collection_buffer", dev),
+            pool_kernel=self._metric_setting(params, "pool_kernel", dev),
             workspace=self.workspace,
             generator=self._generator,
             exchange=self.exchange,

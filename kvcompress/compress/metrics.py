@@ -104,26 +104,26 @@ def pool_by_position(
     pool_kernel: int,
 ) -> torch.Tensor:
     """Max-pool ``scores`` along token positions when a head's KVs are neither contiguous
-    nor in position order (after compaction): each slot takes the maximum over the held
-    slots within ``pool_kernel // 2`` positions of its own. On contiguous positions this is
-    the window metric's ``max_pool1d``."""
+    nor in position order (after compaction): each held slot takes the maximum over the held
+    slots within ``pool_kernel // 2`` positions of its own; unheld slots keep their score. On
+    contiguous positions this is the window metric's ``max_pool1d``.
+
+    The held scores are scattered onto a grid indexed by position (``-inf`` where a head
+    holds nothing), pooled there by ``max_pool1d``, and read back: a few passes over
+    ``[H, G, positions]``, where comparing each slot with its neighbours in position order
+    would build ``pool_kernel`` copies of the scores."""
     if pool_kernel <= 1:
         return scores
     H, G, W = scores.shape
+    span = int(positions.masked_fill(~valid, 0).max()) + 1 if W else 1
+    # Unheld slots all go to one extra column, cleared before pooling.
+    at = torch.where(valid, positions.long(), span).unsqueeze(1).expand(H, G, W)
+    grid = scores.new_full((H, G, span + 1), float("-inf")).scatter_(-1, at, scores)
+    grid[..., span] = float("-inf")
     r = pool_kernel // 2
-    far = 1 << 62  # unheld slots sort last and are never near a held one
-    pos = torch.where(valid, positions.long(), far)
-    order = pos.argsort(dim=-1)
-    by_pos = pos.gather(-1, order)
-    rows = order.unsqueeze(1).expand(H, G, W)
-    ranked = scores.gather(-1, rows)
-    # Each slot's pool_kernel neighbours in position order: held KVs are sparse, so only
-    # those within r positions count (a slot always counts itself).
-    near = F.pad(by_pos, (r, r), value=far).unfold(-1, pool_kernel, 1)  # [H, W, k]
-    near = (near - by_pos.unsqueeze(-1)).abs() <= r
-    window = F.pad(ranked, (r, r), value=float("-inf")).unfold(-1, pool_kernel, 1)
-    pooled = window.masked_fill(~near.unsqueeze(1), float("-inf")).amax(dim=-1)
-    return torch.empty_like(scores).scatter_(-1, rows, pooled)
+    pooled = F.max_pool1d(grid.view(H * G, 1, span + 1), pool_kernel, 1, r)
+    held = pooled.view(H, G, span + 1).gather(-1, at)
+    return torch.where(valid.unsqueeze(1), held, scores)
 
 
 def decode_metric(probs: torch.Tensor, power: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -133,7 +133,8 @@ class CompressionParams:
     pool_kernel: int | None = field(
         default=None,
         metadata=_doc(
-            "max-pool width along key positions of the window metric, odd; wider keeps "
+            "max-pool width along key positions of the attention scores (window metric, "
+            "last-query, expected-attention), odd; wider keeps "
             "multi-token facts whole, 1: no pooling (none: the engine's, "
             f"{_ENGINE_METRIC.pool_kernel} by default)"
         ),

@@ -18,8 +18,10 @@ from kvcompress.compress import (
     ScorerInputs,
     expected_attention,
     last_query_attention,
+    pool_by_position,
     queries_seen,
 )
+from kvcompress.compress.scorers.attention import Pooling
 from kvcompress.errors import InvalidParameterError
 from tests.compress.reference_planner import head_contents, queries_counted
 
@@ -190,10 +192,68 @@ def test_last_query_attention_matches_a_per_head_softmax():
                 torch.testing.assert_close(got[s, r], want)
 
 
+def test_last_query_attention_is_pooled_per_query_head_before_the_group_sum():
+    gen = torch.Generator().manual_seed(4)
+    S, L, H, G, W, D = 2, 1, 2, 2, 9, 4
+    q = torch.randn(S, L, H * G, D, generator=gen)
+    keys = torch.randn(S, L * H, W, D, generator=gen)
+    valid = torch.arange(W).expand(S, L * H, W) < torch.tensor([[9, 6], [4, 9]])[..., None]
+    # Compacted heads: positions are sparse and out of order.
+    positions = torch.stack([torch.randperm(30, generator=gen)[:W] for _ in range(S * H)])
+    positions = positions.view(S, L * H, W)
+    kernels = torch.tensor([5, 1])
+    got = last_query_attention(q, keys, valid, 0.5, Pooling(positions, kernels))
+    logits = torch.matmul(q.view(S, H, G, D), keys.transpose(-1, -2)) * 0.5
+    probs = torch.softmax(logits.masked_fill(~valid.unsqueeze(2), float("-inf")), dim=-1)
+    for s in range(S):
+        pooled = pool_by_position(probs[s], positions[s], valid[s], int(kernels[s]))
+        torch.testing.assert_close(got[s], pooled.sum(dim=1))
+    # Kernel 1 is no pooling at all.
+    torch.testing.assert_close(got[1], last_query_attention(q, keys, valid, 0.5)[1])
+
+
+def test_last_query_keeps_the_neighbours_of_what_it_attends_within_the_pool_kernel():
+    """A fact spans several tokens and the query attends to one of them: pooling keeps the
+    rest (here positions 5 to 9 around the attended 7, kernel 5), under the global policy."""
+    cache, slot = make_cache(40, seed=5)
+    q = torch.zeros(1, LAYERS, HEADS, DIM)
+    for layer in range(LAYERS):
+        for head in range(HEADS):
+            # Position 7 is slot 7 before any compaction; its long key takes the attention.
+            block = int(cache.block_tables[layer, slot, head, 7 // BS])
+            cache.k_pool[block, 7 % BS] *= 10
+            q[0, layer, head] = cache.k_pool[block, 7 % BS]
+    params = CompressionParams(
+        max_cache_tokens=8, protected_window=0, scorer="last-query", pool_kernel=5
+    )
+    Compressor(cache).compress([slot], [params], ScorerInputs(last_queries=q))
+    for layer in range(LAYERS):
+        for head in range(HEADS):
+            assert set(range(5, 10)) <= set(keys_of(cache, slot, layer, head))
+
+
+def test_key_norm_budgets_do_not_follow_a_layers_key_scale():
+    """Layers' key norms differ in scale; the global selection must not hand one layer's
+    budget to another for that alone: scaling every key of layer 0 by 10 changes nothing."""
+    kept = []
+    for scale in (1.0, 10.0):
+        cache, slot = make_cache(61, seed=8)
+        # Layer 1 head 1 holds a few unusually short keys: the selection should notice.
+        block = int(cache.block_tables[1, slot, 1, 0])
+        cache.k_pool[block] *= 0.01
+        blocks = cache.block_tables[0, slot].flatten()
+        cache.k_pool[blocks[blocks >= 0]] *= scale
+        params = CompressionParams(max_cache_tokens=16, protected_window=4, scorer="key-norm")
+        Compressor(cache).compress([slot], [params])
+        kept.append(cache.context_lens[:, slot].flatten().tolist())
+    assert kept[0] == kept[1]
+    assert len(set(kept[0])) > 1  # the global selection did vary the budgets
+
+
 def test_last_query_keeps_what_the_query_attends_and_needs_the_query():
     cache, slot = make_cache(40, seed=5)
     params = CompressionParams(
-        "uniform", max_cache_tokens=8, protected_window=0, scorer="last-query"
+        "uniform", max_cache_tokens=8, protected_window=0, scorer="last-query", pool_kernel=1
     )
     with pytest.raises(InvalidParameterError, match="last_queries"):
         Compressor(cache).compress([slot], [params])
@@ -229,7 +289,11 @@ def test_expected_attention_is_last_query_attention_for_a_point_estimate():
 def test_expected_attention_uses_given_query_statistics():
     cache, slot = make_cache(40, seed=7)
     params = CompressionParams(
-        "uniform", max_cache_tokens=8, protected_window=0, scorer="expected-attention"
+        "uniform",
+        max_cache_tokens=8,
+        protected_window=0,
+        scorer="expected-attention",
+        pool_kernel=1,
     )
     mean = torch.zeros(1, LAYERS, HEADS, DIM)
     for layer in range(LAYERS):

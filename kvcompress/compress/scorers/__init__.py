@@ -9,10 +9,14 @@ name                   score                                                    
 ``window``             accumulated attention metric (observation window + decode)  no
 ``position``           token position (recency)                                    yes
 ``random``             uniform random (a control)                                  yes
-``key-norm``           ``-||k||``: large-norm keys go first (KNorm)                 yes
-``expected-attention`` closed-form attention of Gaussian future queries            yes
-``last-query``         attention of the newest token's query (TOVA)                no
+``key-norm``           ``-||k||`` standardised per head: large norms go first       yes
+``expected-attention`` closed-form attention of Gaussian future queries, pooled    yes
+``last-query``         attention of the newest token's query (TOVA), pooled        no
 =====================  =========================================================  ==========
+
+The global selection of the ``kvcompress`` policy compares scores across heads, so each
+scorer's are on one scale there: attention probabilities (max-pooled along positions with the
+request's ``pool_kernel``, as the window metric is), or per-head standardised key norms.
 
 "query-free" scorers never look at the prompt's queries, so they suit compressing a context
 before its question is fed (``LLMEngine.add_request(..., suffix=question)``).

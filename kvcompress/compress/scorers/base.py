@@ -14,6 +14,7 @@ import torch
 
 from kvcompress.cache import HeadView, PagedKVCache
 from kvcompress.compress.exchange import ChunkScoreExchange
+from kvcompress.compress.scorers.attention import Pooling
 from kvcompress.compress.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class ScoreContext(NamedTuple):
     inputs: ScorerInputs  # already restricted to this pass's sequences
     window_size: torch.Tensor  # [S] long: the prefill metric's observation window
     collection_buffer: torch.Tensor  # [S] long: query-key distance below which nothing counts
+    pool_kernel: torch.Tensor  # [S] long: max-pool width along positions (odd, 1: none)
     workspace: Workspace
     generator: torch.Generator
     # The tensor-parallel ranks' view of the whole model (the identity on one device).
@@ -65,6 +67,11 @@ class ScoreContext(NamedTuple):
     def scale(self) -> float:
         """Attention logit scale (1/sqrt(head_dim), as in every supported model)."""
         return self.cache.head_dim**-0.5
+
+    @property
+    def pooling(self) -> Pooling:
+        """Each sequence's max-pooling of attention scores along positions."""
+        return Pooling(self.positions, self.pool_kernel)
 
 
 class Scorer(Protocol):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcompress.compress.scorers.attention import group_attention
+from kvcompress.compress.scorers.attention import Pooling, group_attention
 from kvcompress.compress.scorers.base import ScoreContext
 from kvcompress.compress.scorers.keys import gather_keys, query_rows
 
@@ -30,14 +30,16 @@ def expected_attention(
     keys: torch.Tensor,  # [S, LH, W, D]
     valid: torch.Tensor,  # [S, LH, W] bool
     scale: float,
+    pooling: Pooling | None = None,
 ) -> torch.Tensor:
-    """``[S, LH, W]``: expected attention probability of each KV (0 on padding)."""
+    """``[S, LH, W]``: expected attention probability of each KV, max-pooled along
+    positions if ``pooling`` says so (0 on padding)."""
     keys = keys.float()
     logits = torch.matmul(mean.float(), keys.transpose(-1, -2)) * scale  # [S, LH, G, W]
     if var is not None:
         spread = torch.matmul(var.float(), (keys * keys).transpose(-1, -2))
         logits = logits + 0.5 * scale**2 * spread
-    return group_attention(logits, valid)
+    return group_attention(logits, valid, pooling)
 
 
 def recent_key_stats(
@@ -69,4 +71,4 @@ class ExpectedAttentionScorer:
         else:
             since = (ctx.seq_lens - ctx.window_size).view(-1, 1, 1)
             mean, var = recent_key_stats(keys, valid & (ctx.positions >= since))
-        return expected_attention(mean, var, keys, valid, ctx.scale)
+        return expected_attention(mean, var, keys, valid, ctx.scale, ctx.pooling)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcompress.compress.scorers.attention import group_attention
+from kvcompress.compress.scorers.attention import Pooling, group_attention
 from kvcompress.compress.scorers.base import ScoreContext
 from kvcompress.compress.scorers.keys import gather_keys, query_rows
 
@@ -22,12 +22,14 @@ def last_query_attention(
     keys: torch.Tensor,  # [S, L * Hkv, W, D] held keys in block-table order
     valid: torch.Tensor,  # [S, L * Hkv, W] bool
     scale: float,
+    pooling: Pooling | None = None,
 ) -> torch.Tensor:
-    """``[S, L * Hkv, W]``: that query's attention probability on each KV, summed over the
-    query heads of each KV head's GQA group (0 on padding)."""
+    """``[S, L * Hkv, W]``: that query's attention probability on each KV, max-pooled along
+    positions if ``pooling`` says so, summed over the query heads of each KV head's GQA
+    group (0 on padding)."""
     q = query_rows(queries, keys.shape[1] // queries.shape[1])  # [S, LH, G, D]
     logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scale  # [S, LH, G, W]
-    return group_attention(logits, valid)
+    return group_attention(logits, valid, pooling)
 
 
 class LastQueryScorer:
@@ -39,4 +41,6 @@ class LastQueryScorer:
     def scores(self, ctx: ScoreContext) -> torch.Tensor:
         queries = ctx.inputs.last_queries
         assert queries is not None, "the compressor checks `requires` first"
-        return last_query_attention(queries, gather_keys(ctx), ctx.view.valid(), ctx.scale)
+        return last_query_attention(
+            queries, gather_keys(ctx), ctx.view.valid(), ctx.scale, ctx.pooling
+        )
