@@ -110,6 +110,25 @@ class QueryCapture:
 
 
 @dataclass
+class WindowCapture:
+    """The mean query of some of the step's windows (the last ``w`` tokens of a prefill chunk
+    of a sequence whose scorer reads it, ``expected-attention``), post-RoPE, per layer and
+    query head."""
+
+    rows: torch.Tensor  # [R] flat token indices of the step, window by window
+    windows: torch.Tensor  # [R] which window each row belongs to
+    sizes: torch.Tensor  # [W, 1, 1] float: rows per window
+    slots: torch.Tensor  # [W] rows of ``mean`` they go to (the sequences' cache slots)
+    mean: torch.Tensor  # [max_seqs, L, Hq, D]
+
+    def keep(self, layer: int, q: torch.Tensor) -> None:
+        """One segment sum per layer, over the captured rows only."""
+        x = q[self.rows].float()  # [R, Hq, D]
+        total = x.new_zeros((self.slots.shape[0], *x.shape[1:])).index_add_(0, self.windows, x)
+        self.mean[self.slots, layer] = total / self.sizes
+
+
+@dataclass
 class AttentionMetadata:
     """Built by the engine for one step; passed through the model untouched."""
 
@@ -122,6 +141,8 @@ class AttentionMetadata:
     decode: DecodeMetadata | None  # None when the step has no decode rows
     chunks: list[ChunkMetadata]  # the prefill chunks, in flat order
     capture: QueryCapture | None = None  # None: no sequence of the step needs its query
+    # None: no sequence of the step needs its window's mean query.
+    window_capture: WindowCapture | None = None
 
     @property
     def fresh_only(self) -> bool:
@@ -142,6 +163,7 @@ def build_metadata(
     metric_power: torch.Tensor | None = None,
     collection_buffer: torch.Tensor | None = None,
     capture: QueryCapture | None = None,
+    window_capture: WindowCapture | None = None,
 ) -> AttentionMetadata:
     """The metadata of one step, after ``append`` (the step's :meth:`prepare_append`).
 
@@ -150,7 +172,8 @@ def build_metadata(
     ``metric_settings[i]`` says how it collects (default: ``MetricConfig()`` for every
     sequence). ``metric_power`` and ``collection_buffer``, the same values as tensors on the
     cache's device, may be passed when the caller already built them (one host-to-device
-    copy per step instead of several). ``capture`` names the queries to keep.
+    copy per step instead of several). ``capture`` names the queries to keep,
+    ``window_capture`` the windows whose mean query to keep.
     """
     dev = seq_slots.device
     settings = list(metric_settings or [MetricConfig()] * len(query_lens))
@@ -215,4 +238,5 @@ def build_metadata(
         decode=decode,
         chunks=chunks,
         capture=capture,
+        window_capture=window_capture,
     )

@@ -11,7 +11,8 @@ step's attention probabilities are added to the metric of every KV they attended
 How a sequence collects (observation window, pooling kernel, collection buffer) comes with it
 in the step's metadata, so one batch may mix requests with different settings. A sequence
 whose scorer reads its newest query (``last-query``) has it kept by ``forward``
-(``AttentionMetadata.capture``); the others cost nothing for it.
+(``AttentionMetadata.capture``), one that reads its window's mean query
+(``expected-attention``) has it kept (``window_capture``); the others cost nothing for it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class TorchAttentionBackend:
         self.cache.write_tokens(meta.write_slots[layer], k, v, layer=layer)
         if meta.capture is not None:
             meta.capture.keep(layer, q)
+        if meta.window_capture is not None:
+            meta.window_capture.keep(layer, q)
         nd = meta.num_decode
         if not meta.chunks:
             return self._decode(layer, q, meta)

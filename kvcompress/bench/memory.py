@@ -6,8 +6,9 @@ each rate, and reports KVs seen, kept and physically held.
 
 The time is one ``Compressor.compress`` call: scoring (the request's scorer, ``window`` by
 default: the stored metric; ``--scorer`` picks another), planning and compaction. The
-``last-query`` scorer reads each sequence's newest query, which the bench draws at random
-(``num_q_heads`` query heads per layer, as the engine would hand it).
+``last-query`` scorer reads each sequence's newest query and ``expected-attention`` its
+window's query statistics, which the bench draws at random (``num_q_heads`` query heads per
+layer, as the engine would hand them).
 """
 
 from __future__ import annotations
@@ -74,11 +75,15 @@ def _fill(cache: PagedKVCache, cfg: MemoryBenchConfig, generator: torch.Generato
 
 
 def _scorer_inputs(cfg: MemoryBenchConfig, generator: torch.Generator) -> ScorerInputs:
-    """What the engine would hand the compressor for the configured scorer."""
-    if "last_queries" not in SCORERS[cfg.compression.effective_scorer].requires:
-        return ScorerInputs()
+    """What the engine would hand the compressor for the configured scorer: random queries
+    and query statistics of the engine's shape."""
     shape = (cfg.num_seqs, cfg.num_layers, cfg.num_q_heads, cfg.head_dim)
-    return ScorerInputs(last_queries=torch.randn(shape, generator=generator))
+    return ScorerInputs(
+        **{
+            name: torch.randn(shape, generator=generator).abs()
+            for name in SCORERS[cfg.compression.effective_scorer].requires
+        }
+    )
 
 
 def run_memory_bench(cfg: MemoryBenchConfig) -> list[dict]:

@@ -153,8 +153,7 @@ class Compressor:
         if exchange.widest(view.width) == 0:
             return 0, 0
         scores = self.scores(seq_slots, view, params, inputs)
-        if not SCORERS[params[0].effective_scorer].query_agnostic:
-            # Summed over the GQA group's query heads: a replica holds only some of them.
+        if SCORERS[params[0].effective_scorer].per_query_head:
             scores = exchange.merge_replicas(scores)
         sorted_scores = sort_scores(
             scores, self.workspace.get("sorted", scores.shape, torch.float32)

@@ -377,7 +377,7 @@ class DriverRunner:
         self.parallel = parallel
         self.local = local
         self.model = local.model
-        self.last_queries = local.last_queries  # rank 0's: the scheduler copies them for forks
+        self.kept_queries = local.kept_queries  # rank 0's: the scheduler copies them for forks
 
     def run(
         self,
@@ -393,7 +393,15 @@ class DriverRunner:
             start = s.num_computed
             fed = [s.last_token] if i < num_decode else s.token_slice(start, start + n)
             plan.append(
-                PlannedSeq(s.slot, start, fed, s.compression, s.collects_metric, s.keeps_last_query)
+                PlannedSeq(
+                    s.slot,
+                    start,
+                    fed,
+                    s.compression,
+                    s.collects_metric,
+                    s.keeps_last_query,
+                    s.keeps_window_queries,
+                )
             )
         return self.parallel.command(
             "execute",

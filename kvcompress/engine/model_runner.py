@@ -11,9 +11,11 @@ import torch
 from kvcompress.attention.metadata import build_metadata
 from kvcompress.cache import PagedKVCache
 from kvcompress.compress import MetricConfig
+from kvcompress.engine.kept_queries import KeptQueries
 from kvcompress.engine.last_queries import LastQueries
 from kvcompress.engine.logprobs import TokenLogprob, score_positions
 from kvcompress.engine.sequence import Sequence
+from kvcompress.engine.window_queries import WindowQueries
 
 
 class RunnerOutput(NamedTuple):
@@ -39,9 +41,8 @@ class ModelRunner:
         mc = model.config
         # The query heads this model computes: a tensor-parallel shard's own.
         heads = len(model.shard.layout.q_heads)
-        self.last_queries = LastQueries(
-            cache.config.max_seqs, mc.num_layers, heads, mc.head_dim, device
-        )
+        shape = (cache.config.max_seqs, mc.num_layers, heads, mc.head_dim)
+        self.kept_queries = KeptQueries(LastQueries(*shape, device), WindowQueries(*shape, device))
 
     @torch.inference_mode()
     def run(
@@ -88,7 +89,18 @@ class ModelRunner:
         seq_slots, counts, metric_power, collection_buffer = per_seq[:4]
         plan = self.cache.prepare_append(seq_slots, counts)
         keep = [i for i, seq in enumerate(seqs) if seq.keeps_last_query]
-        capture = self.last_queries.capture([ends[i] for i in keep], [slots[i] for i in keep])
+        capture = self.kept_queries.newest.capture(
+            [ends[i] for i in keep], [slots[i] for i in keep]
+        )
+        # A chunk's window: its last w tokens (all of them when it is shorter).
+        window = [i for i in range(num_decode, len(seqs)) if seqs[i].keeps_window_queries]
+        window_capture = self.kept_queries.windows.capture(
+            [
+                range(ends[i] + 1 - min(settings[i].window_size, num_tokens[i]), ends[i] + 1)
+                for i in window
+            ],
+            [slots[i] for i in window],
+        )
         meta = build_metadata(
             self.cache,
             seq_slots=seq_slots,
@@ -101,6 +113,7 @@ class ModelRunner:
             metric_power=metric_power,
             collection_buffer=collection_buffer,
             capture=capture,
+            window_capture=window_capture,
         )
         hidden = self.model(input_ids, plan.positions, meta)
         scored = self._score_prompts(seqs, num_tokens, computed, hidden, prompt_logprobs or {})

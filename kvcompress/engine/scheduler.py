@@ -25,7 +25,7 @@ from kvcompress.cache import PagedKVCache
 from kvcompress.compress import Compressor, ScorerInputs
 from kvcompress.compress.budget import blocks_after_compression
 from kvcompress.engine.config import EngineConfig
-from kvcompress.engine.last_queries import LastQueries
+from kvcompress.engine.kept_queries import KeptQueries
 from kvcompress.engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
@@ -53,13 +53,14 @@ class Scheduler:
         config: EngineConfig,
         cache: PagedKVCache,
         compressor: Compressor,
-        last_queries: LastQueries | None = None,
+        kept_queries: KeptQueries | None = None,
     ) -> None:
         self.config = config
         self.cache = cache
         self.compressor = compressor
-        # The newest queries the backend kept, for scorers that read them (last-query).
-        self.last_queries = last_queries
+        # What the backend kept of the queries, for scorers that read it (last-query,
+        # expected-attention).
+        self.kept_queries = kept_queries
         self.chunk_size = config.chunk_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
@@ -274,11 +275,12 @@ class Scheduler:
         return stats.blocks_freed > 0
 
     def _scorer_inputs(self, seqs: list[Sequence]) -> ScorerInputs | None:
-        """What the sequences' scorers need from the engine: the newest queries, when one
-        of them reads them (rows of the others are never read)."""
-        if self.last_queries is None or not any(s.keeps_last_query for s in seqs):
+        """What the sequences' scorers need from the engine: the queries kept for them,
+        when one of them reads any (rows of the others are never read)."""
+        if self.kept_queries is None:
             return None
-        return ScorerInputs(last_queries=self.last_queries.get([s.slot for s in seqs]))
+        needs = {f for s in seqs for f in s.compression.scorer_requires}
+        return self.kept_queries.inputs([s.slot for s in seqs], needs)
 
     def after_step(self, batch: ScheduledBatch) -> None:
         """Compression triggers: after every prefill chunk (the last one included), and
@@ -309,8 +311,10 @@ class Scheduler:
             child.prefilled = True
             child.compressions = parent.compressions
             child.steps_since_compression = parent.steps_since_compression
-            if self.last_queries is not None and child.keeps_last_query:
-                self.last_queries.copy(parent.slot, child.slot)
+            if self.kept_queries is not None and (
+                child.keeps_last_query or child.keeps_window_queries
+            ):
+                self.kept_queries.copy(parent.slot, child.slot)
             if not child.finished:  # one that stopped at its first token only reports
                 child.status = SequenceStatus.RUNNING
                 self.running.append(child)

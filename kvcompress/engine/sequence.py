@@ -208,6 +208,16 @@ class Sequence:
         """Whether the backend must keep the query of this sequence's newest token: its
         scorer reads it (``last-query``) and a later compression will score. A branched
         prefill keeps it for its branches that read it (their fork copies it)."""
+        return self._keeps("last_queries")
+
+    @property
+    def keeps_window_queries(self) -> bool:
+        """Whether the backend must keep the mean query of this sequence's prefill window:
+        its scorer reads it (``expected-attention``) and a later compression will score; a
+        branched prefill keeps it for its branches that read it."""
+        return self._keeps("query_mean")
+
+    def _keeps(self, field: str) -> bool:
         if self.branches:
-            return any("last_queries" in b.compression.scorer_requires for b in self.branches)
-        return "last_queries" in self.compression.scorer_requires and self.may_compress
+            return any(field in b.compression.scorer_requires for b in self.branches)
+        return field in self.compression.scorer_requires and self.may_compress

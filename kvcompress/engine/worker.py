@@ -21,7 +21,7 @@ import torch.distributed as dist
 from kvcompress.attention import make_backend
 from kvcompress.cache import CacheConfig, PagedKVCache
 from kvcompress.cache.paged_cache import CacheAudit
-from kvcompress.compress import AllGatherExchange, CompressionParams, Compressor, ScorerInputs
+from kvcompress.compress import AllGatherExchange, CompressionParams, Compressor
 from kvcompress.engine.config import EngineConfig
 from kvcompress.engine.model_runner import ModelRunner
 from kvcompress.engine.outputs import KVStats, RankBlocks
@@ -88,7 +88,7 @@ def build_rank(
 class PlannedSeq:
     """What a rank needs of one scheduled sequence to run its step (the runner reads these
     attributes of a :class:`~kvcompress.engine.sequence.Sequence`): its slot, the tokens it
-    feeds, what it collects (the metric, its newest query)."""
+    feeds, what it collects (the metric, its newest query, its window's mean query)."""
 
     slot: int
     num_computed: int
@@ -96,6 +96,7 @@ class PlannedSeq:
     compression: CompressionParams
     collects_metric: bool
     keeps_last_query: bool
+    keeps_window_queries: bool
 
     @property
     def last_token(self) -> int:
@@ -124,8 +125,8 @@ class RankWorker:
                 slot = cache.allocate_seq()
             elif op == "fork_seq":
                 slot = cache.fork_seq(args[0])
-                # A fork starts from its parent's newest query (unread unless it needs it).
-                self.rank.runner.last_queries.copy(args[0], slot)
+                # A fork starts from the queries its parent kept (unread unless it needs them).
+                self.rank.runner.kept_queries.copy(args[0], slot)
             else:
                 cache.free_seq(args[0])
                 continue
@@ -138,10 +139,9 @@ class RankWorker:
         self.rank.runner.run(plan, num_tokens, num_decode, [])
 
     def compress(self, slots: list[int], params: list[CompressionParams]) -> Any:
-        # Scorers that read the newest queries read this rank's: its query heads.
-        inputs = None
-        if any("last_queries" in p.scorer_requires for p in params):
-            inputs = ScorerInputs(last_queries=self.rank.runner.last_queries.get(slots))
+        # Scorers that read the queries read this rank's: its query heads.
+        needs = {f for p in params for f in p.scorer_requires}
+        inputs = self.rank.runner.kept_queries.inputs(slots, needs)
         return self.rank.compressor.compress(slots, params, inputs)
 
     # ------------------------------------------------------------- block accounting

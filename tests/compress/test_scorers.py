@@ -140,13 +140,20 @@ def test_scorer_overrides_attention_policies_but_not_streaming_or_random():
 # --- each scorer, through the same planner -------------------------------------------------
 
 
-@pytest.mark.parametrize("scorer", [s for s in SCORERS if s != "last-query"])
+@pytest.mark.parametrize("scorer", list(SCORERS))
 @pytest.mark.parametrize("policy", ["kvcompress", "uniform"])
 def test_every_scorer_frees_exactly_the_budgeted_blocks(scorer, policy):
     cache, slot = make_cache(61)
     before = cache.pool.num_used
     params = CompressionParams(policy, max_cache_tokens=16, protected_window=4, scorer=scorer)
-    stats = Compressor(cache).compress([slot], [params])
+    gen = torch.Generator().manual_seed(1)
+    inputs = ScorerInputs(
+        **{
+            name: torch.randn(1, LAYERS, HEADS, DIM, generator=gen).abs()
+            for name in SCORERS[scorer].requires
+        }
+    )
+    stats = Compressor(cache).compress([slot], [params], inputs)
     allowed = math.ceil(16 * LAYERS * HEADS / BS)
     assert cache.blocks_held(slot) == allowed == cache.pool.num_used
     assert stats.blocks_freed == before - allowed
@@ -284,6 +291,14 @@ def test_expected_attention_is_last_query_attention_for_a_point_estimate():
     var[..., 0] = 4.0
     spread = expected_attention(torch.zeros_like(mean), var, keys, valid, 0.7)
     assert torch.equal(spread.argmax(-1), (keys[..., 0] ** 2).argmax(-1))
+
+
+def test_expected_attention_needs_the_mean_query():
+    cache, slot = make_cache(40, seed=7)
+    params = CompressionParams(max_cache_tokens=8, scorer="expected-attention")
+    with pytest.raises(InvalidParameterError, match="query_mean"):
+        Compressor(cache).compress([slot], [params])
+    assert cache.context_lens[:, slot].flatten().tolist() == [40] * (LAYERS * HEADS)
 
 
 def test_expected_attention_uses_given_query_statistics():

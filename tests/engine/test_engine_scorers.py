@@ -47,7 +47,7 @@ def test_last_query_ranks_by_the_newest_querys_attention_after_prefill_and_decod
     """At every compression (after each prefill chunk, then after decode steps) of a
     last-query request, running beside a window-scored one, its scores are the newest
     token's query (as the model handed it to the backend) softmaxed against each head's
-    kept keys and summed over the GQA group."""
+    kept keys and summed over the GQA group (unpooled, as the request asks)."""
     cache, mc = engine.cache, engine.model_config
     group = mc.num_heads // mc.num_kv_heads
     newest: dict[int, list[torch.Tensor]] = {}  # cache slot -> that step's query per layer
@@ -99,6 +99,7 @@ def test_last_query_ranks_by_the_newest_querys_attention_after_prefill_and_decod
         "protected_window": 8,
         "scorer": "last-query",
         "compression_interval": 1,
+        "pool_kernel": 1,  # the softmax itself (the pooling is tested in compress/)
     }
     engine.add_request(long_prompt, sampling, compression)
     finals = [o for o in engine.run() if o.finished]
@@ -111,12 +112,13 @@ def test_last_query_ranks_by_the_newest_querys_attention_after_prefill_and_decod
     assert engine.capacity().free_blocks == free
 
 
-def test_context_compressed_by_key_norm_before_its_question(engine):
+@pytest.mark.parametrize("scorer", ["key-norm", "expected-attention"])
+def test_context_compressed_by_a_query_agnostic_scorer_before_its_question(engine, scorer):
     free = engine.capacity().free_blocks
     engine.add_request(
         PROMPT,
         SamplingParams(max_tokens=4, temperature=0.0),
-        {"max_cache_tokens": 48, "protected_window": 8, "scorer": "key-norm"},
+        {"max_cache_tokens": 48, "protected_window": 8, "scorer": scorer},
         suffix=" What is the secret code? The secret code is",
     )
     final = [o for o in engine.run() if o.finished]

@@ -216,7 +216,7 @@ def test_the_newest_query_is_kept_per_layer_for_last_query_sequences_only() -> N
     layers = hf.config.num_hidden_layers
     prefill(runner, seqs)
     newest = 5 + 7 - 1  # the second sequence's last prompt token in the flat batch
-    kept = runner.last_queries.get([s.slot for s in seqs])
+    kept = runner.kept_queries.newest.get([s.slot for s in seqs])
     assert kept.shape == (3, layers, hf.config.num_attention_heads, hf.config.head_dim)
     for layer in range(layers):
         torch.testing.assert_close(kept[1, layer], queries[layer][newest])
@@ -225,6 +225,48 @@ def test_the_newest_query_is_kept_per_layer_for_last_query_sequences_only() -> N
     for seq in seqs:
         seq.append_token(3)
     decode(runner, seqs)
-    kept = runner.last_queries.get([seqs[1].slot])
+    kept = runner.kept_queries.newest.get([seqs[1].slot])
     for layer in range(layers):
         torch.testing.assert_close(kept[0, layer], queries[layer][1])
+
+
+def test_the_window_mean_query_is_kept_for_expected_attention_chunks_only() -> None:
+    """The kept mean query of an expected-attention sequence is that of its chunk's last
+    ``window_size`` tokens, per layer and query head (a chunk shorter than the window: all
+    its tokens); decode steps leave it alone."""
+    hf = _random_hf("llama-gqa-llama3-bias")
+    runner, cache = tiny_runner(hf)
+    backend = runner.model.attention_backend
+    queries: list[torch.Tensor] = []
+    real_forward = backend.forward
+
+    def recording(layer, q, k, v, meta):
+        queries.append(q.clone())
+        return real_forward(layer, q, k, v, meta)
+
+    backend.forward = recording
+    budget = dict(compression_rate=2, min_cache_tokens=0, scorer="expected-attention")
+    params = [
+        CompressionParams(compression_rate=2, min_cache_tokens=0),  # window: keeps nothing
+        CompressionParams(window_size=3, **budget),
+        CompressionParams(window_size=16, **budget),  # longer than its 6-token chunk
+    ]
+    seqs = [
+        Sequence(f"s{i}", list(range(1, n + 1)), SamplingParams(), p)
+        for i, (n, p) in enumerate(zip([5, 7, 6], params, strict=True))
+    ]
+    for seq in seqs:
+        seq.slot = cache.allocate_seq()
+    assert [s.keeps_window_queries for s in seqs] == [False, True, True]
+    layers = hf.config.num_hidden_layers
+    prefill(runner, seqs)
+    mean = runner.kept_queries.windows.get([s.slot for s in seqs])
+    assert mean.shape == (3, layers, hf.config.num_attention_heads, hf.config.head_dim)
+    for row, window in [(1, range(9, 12)), (2, range(12, 18))]:
+        for layer in range(layers):
+            torch.testing.assert_close(mean[row, layer], queries[layer][list(window)].mean(0))
+    assert bool((mean[0] == 0).all())
+    for seq in seqs:
+        seq.append_token(3)
+    decode(runner, seqs)
+    assert torch.equal(runner.kept_queries.windows.get([s.slot for s in seqs]), mean)

@@ -16,10 +16,12 @@ import torch
 from kvcompress.cache import CacheConfig, PagedKVCache
 from kvcompress.compress import CompressionParams, Compressor
 from kvcompress.engine.config import EngineConfig
+from kvcompress.engine.kept_queries import KeptQueries
 from kvcompress.engine.last_queries import LastQueries
 from kvcompress.engine.sampling import SamplingParams
 from kvcompress.engine.scheduler import ScheduledBatch, Scheduler
 from kvcompress.engine.sequence import Sequence, SequenceStatus
+from kvcompress.engine.window_queries import WindowQueries
 
 LAYERS, HEADS, BS = 1, 2, 2  # 2 (layer, head) rows per sequence
 
@@ -281,10 +283,11 @@ def test_last_query_sequences_get_their_kept_queries_and_forks_start_from_the_pa
     monkeypatch,
 ):
     h = Harness(blocks=64)
-    store = LastQueries(8, LAYERS, 2 * HEADS, 2, torch.device("cpu"))
+    shape = (8, LAYERS, 2 * HEADS, 2)
+    store = LastQueries(*shape, torch.device("cpu"))
     store.capture([0], [0])  # allocates the rows; fill each with something of its own
     store.store[:] = torch.randn(store.shape, generator=torch.Generator().manual_seed(0))
-    h.sched.last_queries = store
+    h.sched.kept_queries = KeptQueries(store, WindowQueries(*shape, torch.device("cpu")))
     given = []
     real = h.spy.compress
 
@@ -304,3 +307,30 @@ def test_last_query_sequences_get_their_kept_queries_and_forks_start_from_the_pa
     child = seq.child(1)
     h.sched.fork(seq, [child])
     assert torch.equal(store.get([child.slot]), store.get([seq.slot]))
+
+
+def test_expected_attention_sequences_get_their_window_mean_and_forks_copy_it(monkeypatch):
+    h = Harness(blocks=64)
+    shape = (8, LAYERS, 2 * HEADS, 2)
+    windows = WindowQueries(*shape, torch.device("cpu"))
+    windows.capture([range(1)], [0])  # allocates the rows; fill each with its own values
+    windows.mean[:] = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    h.sched.kept_queries = KeptQueries(LastQueries(*shape, torch.device("cpu")), windows)
+    given = []
+    real = h.spy.compress
+
+    def recording(seq_slots, params, inputs=None):
+        given.append((list(seq_slots), inputs))
+        return real(seq_slots, params, inputs)
+
+    monkeypatch.setattr(h.spy, "compress", recording)
+    params = CompressionParams(scorer="expected-attention", compression_rate=2, min_cache_tokens=0)
+    seq = Sequence("p", list(range(12)), SamplingParams(n=2, temperature=1.0), params)
+    h.sched.add(seq)
+    h.step()
+    ((slots, inputs),) = given
+    assert torch.equal(inputs.query_mean, windows.mean[slots])
+    assert inputs.last_queries is None and inputs.query_var is None
+    child = seq.child(1)
+    h.sched.fork(seq, [child])
+    assert torch.equal(windows.get([child.slot]), windows.get([seq.slot]))

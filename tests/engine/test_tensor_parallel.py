@@ -27,6 +27,8 @@ SETTINGS = {
     "kvcompress": KVCOMPRESS,
     # Scores from each rank's own newest queries (TOVA), not from the metric.
     "last-query": KVCOMPRESS.with_overrides(scorer="last-query"),
+    # From each rank's own window mean queries.
+    "expected-attention": KVCOMPRESS.with_overrides(scorer="expected-attention"),
     # Drawn for the whole model on every rank: the same KVs as one device.
     "random": KVCOMPRESS.with_overrides(policy="random"),
 }

@@ -32,7 +32,8 @@ class ScorerInputs(NamedTuple):
     - ``last_queries [S, L, Hq, D]``: post-RoPE query of each sequence's newest token, for
       the ``last-query`` scorer.
     - ``query_mean``, ``query_var [S, L, Hq, D]``: mean and variance of recent post-RoPE
-      queries (for example the prefill's observation window), for ``expected-attention``.
+      queries, for ``expected-attention`` (the engine gives the mean of each sequence's
+      latest prefill window, and no variance).
     """
 
     prefill_lens: torch.Tensor | None = None
@@ -83,9 +84,13 @@ class Scorer(Protocol):
     uses_metric: bool
     # ScorerInputs fields without which this scorer cannot run.
     requires: tuple[str, ...]
-    # Scores without looking at any query of the prompt: the choice for compressing a
-    # context before its question arrives (``suffix`` / ``--compress-context-only``).
+    # Scores without the attention of any query of the prompt (``expected-attention`` reads
+    # only their statistics): the choice for compressing a context before its question
+    # arrives (``suffix`` / ``--compress-context-only``).
     query_agnostic: bool
+    # Scores sum over each KV head's GQA group of query heads: a tensor-parallel replica of
+    # the KV head holds only some of them, and the replicas' scores must be added up.
+    per_query_head: bool
 
     def scores(self, ctx: ScoreContext) -> torch.Tensor:
         """``[S, LH, width]`` float32, low evicted first (padding may hold anything)."""

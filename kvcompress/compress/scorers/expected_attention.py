@@ -3,16 +3,18 @@
 After kvpress's ExpectedAttentionPress (Devoto, Jeblick, Jegou, arXiv 2510.00636): model the
 next queries as Gaussian ``q ~ N(mu, diag(var))``; then ``E[exp(s q.k)] = exp(s mu.k +
 s^2/2 sum(var * k^2))``, so the expected attention of KV ``i`` is the softmax of those
-logits over the head's held KVs, summed over the GQA group. It reads no query of the
-question, so a document can be compressed before its question arrives.
+logits over the head's held KVs, summed over the GQA group. It needs no query of the
+question, only statistics of the context's last queries, so a document can be compressed
+before its question arrives.
 
-Query statistics. The engine does not store queries. Given ``ScorerInputs.query_mean`` /
-``query_var`` (post-RoPE, ``[S, L, Hq, D]``: e.g. mean and variance of the prefill's
-observation-window queries, which the attention backend holds when it computes the window
-metric), they are used as is. Without them this scorer falls back to a PROXY, and says so
-here rather than pretending: the mean and variance of the head's own most recent ``w`` keys
-(``w`` = the metric window) stand in for the query distribution. That proxy ranks KVs by how
-well they align with the recent context's keys; it is a heuristic, not the paper's method.
+Query statistics (``ScorerInputs.query_mean``, optionally ``query_var``, post-RoPE,
+``[S, L, Hq, D]``): the engine gives the mean query of each sequence's latest observation
+window (the last ``w`` queries of its latest prefill chunk, ``engine.window_queries``) and no
+variance, so it scores by that point estimate (kvpress instead rotates pre-RoPE statistics
+to future positions). A caller with a variance free of the rotation between positions may
+pass it. Without a mean the compressor refuses the request (``InvalidParameterError``): a
+stand-in built from the keys alone (a head's recent mean key as its query) was tried and
+scored 0 on every RULER cell, below random eviction (``docs/quality.md``).
 """
 
 from __future__ import annotations
@@ -42,33 +44,18 @@ def expected_attention(
     return group_attention(logits, valid, pooling)
 
 
-def recent_key_stats(
-    keys: torch.Tensor,  # [S, LH, W, D]
-    recent: torch.Tensor,  # [S, LH, W] bool: the slots whose keys stand in for queries
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance ``[S, LH, 1, D]`` of each head's recent keys (the proxy)."""
-    weight = recent.unsqueeze(-1).float()
-    count = weight.sum(dim=2, keepdim=True).clamp(min=1)
-    mean = (keys * weight).sum(dim=2, keepdim=True) / count
-    var = (((keys - mean) ** 2) * weight).sum(dim=2, keepdim=True) / count
-    return mean, var
-
-
 class ExpectedAttentionScorer:
     name = "expected-attention"
     uses_metric = False
-    requires: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ("query_mean",)
     query_agnostic = True
+    per_query_head = True
 
     def scores(self, ctx: ScoreContext) -> torch.Tensor:
-        keys = gather_keys(ctx)
-        valid = ctx.view.valid()
         inputs = ctx.inputs
-        if inputs.query_mean is not None:
-            H = ctx.cache.num_kv_heads
-            mean = query_rows(inputs.query_mean, H)
-            var = None if inputs.query_var is None else query_rows(inputs.query_var, H)
-        else:
-            since = (ctx.seq_lens - ctx.window_size).view(-1, 1, 1)
-            mean, var = recent_key_stats(keys, valid & (ctx.positions >= since))
-        return expected_attention(mean, var, keys, valid, ctx.scale, ctx.pooling)
+        assert inputs.query_mean is not None, "the compressor checks `requires` first"
+        H = ctx.cache.num_kv_heads
+        mean = query_rows(inputs.query_mean, H)
+        var = None if inputs.query_var is None else query_rows(inputs.query_var, H)
+        keys = gather_keys(ctx)
+        return expected_attention(mean, var, keys, ctx.view.valid(), ctx.scale, ctx.pooling)

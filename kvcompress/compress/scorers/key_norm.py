@@ -44,6 +44,7 @@ class KeyNormScorer:
     uses_metric = False
     requires: tuple[str, ...] = ()
     query_agnostic = True
+    per_query_head = False
 
     def scores(self, ctx: ScoreContext) -> torch.Tensor:
         return standardize_per_head(key_norm_scores(gather_keys(ctx)), ctx.view.valid())

@@ -37,6 +37,7 @@ class LastQueryScorer:
     uses_metric = False
     requires: tuple[str, ...] = ("last_queries",)
     query_agnostic = False
+    per_query_head = True
 
     def scores(self, ctx: ScoreContext) -> torch.Tensor:
         queries = ctx.inputs.last_queries

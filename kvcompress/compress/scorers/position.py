@@ -12,6 +12,7 @@ class PositionScorer:
     uses_metric = False
     requires: tuple[str, ...] = ()
     query_agnostic = True
+    per_query_head = False
 
     def scores(self, ctx: ScoreContext) -> torch.Tensor:
         return ctx.positions.float()

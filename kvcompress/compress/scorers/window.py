@@ -43,6 +43,7 @@ class WindowScorer:
     uses_metric = True
     requires: tuple[str, ...] = ()
     query_agnostic = False
+    per_query_head = True
 
     def scores(self, ctx: ScoreContext) -> torch.Tensor:
         cache, view = ctx.cache, ctx.view
