@@ -150,9 +150,10 @@ class CompressionParams:
         default="window",
         metadata=_doc(
             "how KVs are scored for the planner (window: the accumulated attention metric; "
-            "key-norm / expected-attention read no query, for a context compressed before "
-            "its question; last-query: the newest token's attention, TOVA; streaming and "
-            "random keep their own)",
+            "key-norm: reads no query; expected-attention: the mean query of the prompt's "
+            "last window, pair it with policy uniform; both for a context compressed "
+            "before its question; last-query: the newest token's attention, TOVA; "
+            "streaming and random keep their own)",
             tuple(SCORERS),
         ),
     )

@@ -318,3 +318,73 @@ def test_expected_attention_uses_given_query_statistics():
     for layer in range(LAYERS):
         for head in range(HEADS):
             assert 11 in keys_of(cache, slot, layer, head)
+
+
+def test_the_key_scorers_read_an_fp8_caches_keys_scaled_back():
+    """fp8 pools store keys divided by a per-(layer, head) scale: the scorers must see the
+    keys themselves (last-query's softmax temperature depends on their scale)."""
+    from kvcompress.cache.quant import FP8
+
+    gen = torch.Generator().manual_seed(9)
+    keys = {}
+    for dtype in (torch.float32, FP8):
+        cfg = CacheConfig(
+            num_layers=LAYERS,
+            num_kv_heads=HEADS,
+            head_dim=DIM,
+            block_size=BS,
+            kv_cache_memory=1 << 20,
+            dtype=dtype,
+            max_seqs=2,
+            max_model_len=64,
+        )
+        cache = PagedKVCache(cfg)
+        slot = cache.allocate_seq()
+        plan = cache.prepare_append(torch.tensor([slot]), torch.tensor([12]))
+        for layer in range(LAYERS):
+            k = 0.5 * (layer + 1) * torch.randn(12, HEADS, DIM, generator=gen.manual_seed(layer))
+            cache.write(layer, plan.slots[layer], k, k)
+        seq = torch.tensor([slot])
+        comp = Compressor(cache)
+        view = cache.head_view(seq)
+        q = torch.randn(1, LAYERS, HEADS, DIM, generator=gen.manual_seed(99))
+        params = [
+            CompressionParams(
+                max_cache_tokens=4, protected_window=0, scorer="last-query", pool_kernel=1
+            )
+        ]
+        keys[dtype] = comp.scores(seq, view, params, ScorerInputs(last_queries=q))
+    finite = torch.isfinite(keys[torch.float32])
+    assert int(finite.sum()) == LAYERS * HEADS * 12
+    torch.testing.assert_close(keys[FP8][finite], keys[torch.float32][finite], atol=0.05, rtol=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])
+def test_key_norm_scores_the_same_whether_the_pool_is_read_in_place_or_gathered(dtype):
+    """A pass holding most of the pool takes the norms of the whole pool in place, a small
+    pass gathers its keys first: the same keys score the same either way."""
+    gen = torch.Generator().manual_seed(3)
+    keys = [(layer + 1) * torch.randn(37, HEADS, DIM, generator=gen) for layer in range(LAYERS)]
+    per_kv = 2 * DIM * dtype.itemsize + 8
+    scores = []
+    for pool_blocks in (40, 400):  # 37 tokens: 10 blocks per (layer, head), 40 in all
+        cfg = CacheConfig(
+            num_layers=LAYERS,
+            num_kv_heads=HEADS,
+            head_dim=DIM,
+            block_size=BS,
+            kv_cache_memory=pool_blocks * BS * per_kv,
+            dtype=dtype,
+            max_seqs=1,
+            max_model_len=40,
+        )
+        cache = PagedKVCache(cfg)
+        assert cache.k_pool.shape[0] == pool_blocks
+        slot = cache.allocate_seq()
+        plan = cache.prepare_append(torch.tensor([slot]), torch.tensor([37]))
+        for layer in range(LAYERS):
+            cache.write(layer, plan.slots[layer], keys[layer], keys[layer])
+        seq = torch.tensor([slot])
+        params = [CompressionParams(max_cache_tokens=8, protected_window=0, scorer="key-norm")]
+        scores.append(Compressor(cache).scores(seq, cache.head_view(seq), params))
+    torch.testing.assert_close(scores[0], scores[1])

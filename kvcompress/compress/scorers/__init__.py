@@ -10,15 +10,18 @@ name                   score                                                    
 ``position``           token position (recency)                                    yes
 ``random``             uniform random (a control)                                  yes
 ``key-norm``           ``-||k||`` standardised per head: large norms go first       yes
-``expected-attention`` closed-form attention of Gaussian future queries, pooled    yes
+``expected-attention`` attention of the prompt's last window's mean query, pooled yes
 ``last-query``         attention of the newest token's query (TOVA), pooled        no
 =====================  =========================================================  ==========
 
 The global selection of the ``kvcompress`` policy compares scores across heads, so each
-scorer's are on one scale there: attention probabilities (max-pooled along positions with the
-request's ``pool_kernel``, as the window metric is), or per-head standardised key norms.
+scorer's should be on one scale there: attention probabilities (max-pooled along positions
+with the request's ``pool_kernel``, as the window metric is), or per-head standardised key
+norms. ``expected-attention``'s are not, as measured (``docs/quality.md``): pair it with
+``uniform``.
 
-"query-free" scorers never look at the prompt's queries, so they suit compressing a context
+"query-free" scorers never attend with the prompt's queries (``expected-attention`` reads only
+the mean of the context's last ones), so they suit compressing a context
 before its question is fed (``LLMEngine.add_request(..., suffix=question)``).
 """
 
@@ -27,7 +30,7 @@ from kvcompress.compress.scorers.expected_attention import (
     ExpectedAttentionScorer,
     expected_attention,
 )
-from kvcompress.compress.scorers.key_norm import KeyNormScorer, key_norm_scores
+from kvcompress.compress.scorers.key_norm import KeyNormScorer
 from kvcompress.compress.scorers.last_query import LastQueryScorer, last_query_attention
 from kvcompress.compress.scorers.position import PositionScorer
 from kvcompress.compress.scorers.random_order import RandomScorer
@@ -51,7 +54,6 @@ __all__ = [
     "Scorer",
     "ScorerInputs",
     "expected_attention",
-    "key_norm_scores",
     "last_query_attention",
     "queries_seen",
 ]

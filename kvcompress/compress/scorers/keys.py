@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from kvcompress.cache.quant import dequantize
 from kvcompress.compress.scorers.base import ScoreContext
 
 
 def gather_keys(ctx: ScoreContext) -> torch.Tensor:
-    """``[S, LH, width, head_dim]`` float32 keys (post-RoPE, as stored)."""
-    return ctx.view.gather(ctx.cache.k_pool).float()
+    """``[S, LH, width, head_dim]`` float32 keys (post-RoPE, as stored; an fp8 cache's
+    scaled back by each (layer, head)'s scale, the rows' order)."""
+    cache = ctx.cache
+    keys = ctx.view.gather(cache.k_pool)
+    if cache.quantized:
+        return dequantize(keys, cache.k_scale.view(-1), torch.float32)
+    return keys.float()
 
 
 def query_rows(queries: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
