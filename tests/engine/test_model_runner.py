@@ -185,12 +185,8 @@ def test_every_layer_gets_the_one_metadata_of_its_step(is_prefill: bool) -> None
         assert meta.decode.blocks.shape[0] == layers
 
 
-def test_the_newest_query_is_kept_per_layer_for_last_query_sequences_only() -> None:
-    """In a batch of chunks, then of decodes, the kept row of a last-query sequence is the
-    query (post-RoPE, as the backend got it) of its newest token in every layer; the others
-    keep nothing."""
-    hf = _random_hf("llama-gqa-llama3-bias")
-    runner, cache = tiny_runner(hf)
+def record_queries(runner) -> list[torch.Tensor]:
+    """The queries the backend gets, one per layer and step, appended as the runner runs."""
     backend = runner.model.attention_backend
     queries: list[torch.Tensor] = []
     real_forward = backend.forward
@@ -200,6 +196,16 @@ def test_the_newest_query_is_kept_per_layer_for_last_query_sequences_only() -> N
         return real_forward(layer, q, k, v, meta)
 
     backend.forward = recording
+    return queries
+
+
+def test_the_newest_query_is_kept_per_layer_for_last_query_sequences_only() -> None:
+    """In a batch of chunks, then of decodes, the kept row of a last-query sequence is the
+    query (post-RoPE, as the backend got it) of its newest token in every layer; the others
+    keep nothing."""
+    hf = _random_hf("llama-gqa-llama3-bias")
+    runner, cache = tiny_runner(hf)
+    queries = record_queries(runner)
     budget = dict(compression_rate=2, min_cache_tokens=0)
     params = [
         CompressionParams(**budget),  # window: collects the metric, keeps no query
@@ -236,15 +242,7 @@ def test_the_window_mean_query_is_kept_for_expected_attention_chunks_only() -> N
     its tokens); decode steps leave it alone."""
     hf = _random_hf("llama-gqa-llama3-bias")
     runner, cache = tiny_runner(hf)
-    backend = runner.model.attention_backend
-    queries: list[torch.Tensor] = []
-    real_forward = backend.forward
-
-    def recording(layer, q, k, v, meta):
-        queries.append(q.clone())
-        return real_forward(layer, q, k, v, meta)
-
-    backend.forward = recording
+    queries = record_queries(runner)
     budget = dict(compression_rate=2, min_cache_tokens=0, scorer="expected-attention")
     params = [
         CompressionParams(compression_rate=2, min_cache_tokens=0),  # window: keeps nothing

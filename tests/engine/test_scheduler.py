@@ -279,6 +279,19 @@ def test_a_prompt_longer_than_the_pool_is_chunked_and_compressed_as_it_goes():
     assert h.sched.preemptions == 0
 
 
+def record_compressions(h: Harness, monkeypatch) -> list[tuple[list[int], object]]:
+    """(slots, ScorerInputs) of every compression call the scheduler makes."""
+    given = []
+    real = h.spy.compress
+
+    def recording(seq_slots, params, inputs=None):
+        given.append((list(seq_slots), inputs))
+        return real(seq_slots, params, inputs)
+
+    monkeypatch.setattr(h.spy, "compress", recording)
+    return given
+
+
 def test_last_query_sequences_get_their_kept_queries_and_forks_start_from_the_parents(
     monkeypatch,
 ):
@@ -288,14 +301,7 @@ def test_last_query_sequences_get_their_kept_queries_and_forks_start_from_the_pa
     store.capture([0], [0])  # allocates the rows; fill each with something of its own
     store.store[:] = torch.randn(store.shape, generator=torch.Generator().manual_seed(0))
     h.sched.kept_queries = KeptQueries(store, WindowQueries(*shape, torch.device("cpu")))
-    given = []
-    real = h.spy.compress
-
-    def recording(seq_slots, params, inputs=None):
-        given.append((list(seq_slots), inputs))
-        return real(seq_slots, params, inputs)
-
-    monkeypatch.setattr(h.spy, "compress", recording)
+    given = record_compressions(h, monkeypatch)
     params = CompressionParams(scorer="last-query", compression_rate=2, min_cache_tokens=0)
     seq = Sequence("p", list(range(12)), SamplingParams(n=2, temperature=1.0), params)
     h.sched.add(seq)
@@ -314,22 +320,15 @@ def test_expected_attention_sequences_get_their_window_mean_and_forks_copy_it(mo
     shape = (8, LAYERS, 2 * HEADS, 2)
     windows = WindowQueries(*shape, torch.device("cpu"))
     windows.capture([range(1)], [0])  # allocates the rows; fill each with its own values
-    windows.mean[:] = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    windows.store[:] = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     h.sched.kept_queries = KeptQueries(LastQueries(*shape, torch.device("cpu")), windows)
-    given = []
-    real = h.spy.compress
-
-    def recording(seq_slots, params, inputs=None):
-        given.append((list(seq_slots), inputs))
-        return real(seq_slots, params, inputs)
-
-    monkeypatch.setattr(h.spy, "compress", recording)
+    given = record_compressions(h, monkeypatch)
     params = CompressionParams(scorer="expected-attention", compression_rate=2, min_cache_tokens=0)
     seq = Sequence("p", list(range(12)), SamplingParams(n=2, temperature=1.0), params)
     h.sched.add(seq)
     h.step()
     ((slots, inputs),) = given
-    assert torch.equal(inputs.query_mean, windows.mean[slots])
+    assert torch.equal(inputs.query_mean, windows.store[slots])
     assert inputs.last_queries is None and inputs.query_var is None
     child = seq.child(1)
     h.sched.fork(seq, [child])
