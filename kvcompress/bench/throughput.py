@@ -32,6 +32,9 @@ class ThroughputBenchConfig:
     transformers_baseline: bool = True  # skipped under tensor parallelism
     # Ranks the model is sharded over; kv_cache_memory is then each rank's budget.
     tensor_parallel_size: int = 1
+    # The engine's (auto: float32 on CPU, bfloat16 on CUDA; the KVs in the model's dtype).
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
     # What every rate uses besides it.
     compression: CompressionParams = field(default_factory=exact_rates)
 
@@ -107,6 +110,8 @@ def run_throughput_bench(cfg: ThroughputBenchConfig) -> list[dict]:
             max_num_seqs=cfg.num_prompts,
             max_num_batched_tokens=cfg.input_len,
             tensor_parallel_size=cfg.tensor_parallel_size,
+            dtype=cfg.dtype,
+            kv_cache_dtype=cfg.kv_cache_dtype,
         )
     )
     try:

@@ -104,6 +104,24 @@ def test_throughput_bench_rows_speedup_and_plot(tmp_path):
     assert png.exists() and png.stat().st_size > 1000
 
 
+def test_throughput_bench_runs_in_the_dtypes_it_is_given(capsys):
+    args = ["bench", "throughput", "--num-prompts", "2", "--input-len", "32"]
+    args += ["--output-len", "3", "--rates", "1,4", "--no-transformers", "--json"]
+    args += ["--kv-cache-memory", "8MiB", "--dtype", "bfloat16", "--kv-cache-dtype", "float32"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["config"]["dtype"], report["config"]["kv_cache_dtype"]) == (
+        "bfloat16",
+        "float32",
+    )
+    assert [r["rate"] for r in report["rows"]] == [1, 4]
+    # Whole blocks of 16 float32 KVs (K and V of head dim 64, plus metric and position), not
+    # of bfloat16 ones (16 x 264 bytes).
+    assert report["rows"][0]["peak_kv_bytes"] % (16 * (2 * 64 * 4 + 8)) == 0
+    with pytest.raises(SystemExit):
+        main(["bench", "throughput", "--dtype", "int8"])
+
+
 def test_throughput_bench_on_two_ranks_reports_each_ranks_memory(tmp_path, capsys):
     from tests.engine.test_tensor_parallel import tiny_llama
 

@@ -19,6 +19,8 @@ from kvcompress.bench.memory import MemoryBenchConfig
 from kvcompress.bench.throughput import ThroughputBenchConfig
 from kvcompress.compress import exact_rates
 from kvcompress.entrypoints.cli.args import (
+    CHOICES,
+    ENGINE_OPTIONS,
     add_compression_args,
     add_engine_args,
     compression_from_args,
@@ -80,6 +82,11 @@ def add_bench_parser(commands) -> None:
         help="ranks the model is sharded over (the KV budget is per rank; the transformers "
         "baseline is skipped)",
     )
+    for name in ("dtype", "kv_cache_dtype"):
+        flag = "--" + name.replace("_", "-")
+        tp.add_argument(
+            flag, default=getattr(d, name), choices=CHOICES[name], help=ENGINE_OPTIONS[name]
+        )
     tp.add_argument("--plot-dir", default=None, help="write throughput_speedup.png here")
     tp.add_argument("--json", action="store_true", help=REPORT_HELP)
     add_compression_args(tp, "compression (at every rate)", exclude=SWEPT)
@@ -232,6 +239,8 @@ def run_throughput(args: argparse.Namespace) -> int:
     )
     if cfg.tensor_parallel_size > 1:
         header += f", {cfg.tensor_parallel_size} ranks (budget and peak_kv_bytes_rank<r> per rank)"
+    if (cfg.dtype, cfg.kv_cache_dtype) != ("auto", "auto"):
+        header += f", dtype {cfg.dtype}, KV cache dtype {cfg.kv_cache_dtype}"
     emit_report(cfg, rows, args.json, header)
     if args.plot_dir:
         print(f"plot: {plot_speedup(rows, args.plot_dir)}", file=sys.stderr)
