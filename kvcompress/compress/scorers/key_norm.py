@@ -40,15 +40,12 @@ def held_key_norms(ctx: ScoreContext) -> torch.Tensor:
     When this pass's blocks are at least half the pool, the norms of the whole pool are taken
     in place and one float per KV is gathered: copying 64 floats per KV first cost about four
     times as much (and most of that was the fresh buffer's page faults). Otherwise the keys
-    are gathered, so that a small pass never reads a large pool."""
+    are gathered, so that a small pass never reads a large pool; an fp8 pool too, whose
+    float32 copy would be four times its size."""
     cache, view = ctx.cache, ctx.view
-    if 2 * view.blocks.numel() < cache.k_pool.shape[0]:
+    if cache.quantized or 2 * view.blocks.numel() < cache.k_pool.shape[0]:
         return torch.linalg.vector_norm(gather_keys(ctx), dim=-1)
-    pool = cache.k_pool.float() if cache.quantized else cache.k_pool
-    norms = view.gather(torch.linalg.vector_norm(pool, dim=-1, dtype=torch.float32))
-    if cache.quantized:
-        norms = norms * cache.k_scale.view(1, -1, 1)
-    return norms
+    return view.gather(torch.linalg.vector_norm(cache.k_pool, dim=-1, dtype=torch.float32))
 
 
 class KeyNormScorer:
