@@ -7,7 +7,7 @@ each rate, and reports KVs seen, kept and physically held.
 The time is one ``Compressor.compress`` call: scoring (the request's scorer, ``window`` by
 default: the stored metric; ``--scorer`` picks another), planning and compaction. The
 ``last-query`` scorer reads each sequence's newest query and ``expected-attention`` its
-window's query statistics, which the bench draws at random (``num_q_heads`` query heads per
+window's mean query, which the bench draws at random (``num_q_heads`` query heads per
 layer, as the engine would hand them).
 """
 
@@ -31,7 +31,7 @@ class MemoryBenchConfig:
     rates: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64)
     num_layers: int = 30
     num_kv_heads: int = 3
-    # Query heads per layer (the default model's 9), for the query the last-query scorer reads.
+    # Query heads per layer (the default model's 9), for the queries the query scorers read.
     num_q_heads: int = 9
     head_dim: int = 64
     repeats: int = 3
@@ -76,11 +76,11 @@ def _fill(cache: PagedKVCache, cfg: MemoryBenchConfig, generator: torch.Generato
 
 def _scorer_inputs(cfg: MemoryBenchConfig, generator: torch.Generator) -> ScorerInputs:
     """What the engine would hand the compressor for the configured scorer: random queries
-    and query statistics of the engine's shape."""
+    (the newest ones, or each window's mean) of the engine's shape."""
     shape = (cfg.num_seqs, cfg.num_layers, cfg.num_q_heads, cfg.head_dim)
     return ScorerInputs(
         **{
-            name: torch.randn(shape, generator=generator).abs()
+            name: torch.randn(shape, generator=generator)
             for name in SCORERS[cfg.compression.effective_scorer].requires
         }
     )
