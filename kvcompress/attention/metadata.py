@@ -150,6 +150,54 @@ class AttentionMetadata:
         return self.num_decode == 0 and all(c.history is None for c in self.chunks)
 
 
+def captured_decode_metadata(
+    cache: PagedKVCache,
+    *,
+    seq_slots: torch.Tensor,  # [B]
+    write_slots: torch.Tensor,  # [L, B * H] token-major, as AttentionMetadata.write_slots
+    positions: torch.Tensor,  # [B]
+    metric_power: torch.Tensor,  # [B]
+    collection_buffer: torch.Tensor,  # [B]
+    collects: bool,
+) -> AttentionMetadata:
+    """The metadata of a decode step whose forward is captured once and replayed (a CUDA
+    graph): every tensor is a static buffer the caller refills before each replay, and
+    nothing depends on the lengths the step's heads hold. Only the Triton backend runs it:
+    its kernels read each head's length in the device, and their splits cover the longest
+    head a sequence may hold. ``collects``: the step runs the metric kernel (a sequence with
+    power 0 adds nothing), with every sequence's collection buffer."""
+    B = seq_slots.shape[0]
+    max_blocks = cache.config.max_blocks_per_head
+    none = torch.empty(0, dtype=torch.long, device=seq_slots.device)
+    decode = DecodeMetadata(
+        # The gather fields of the torch backend: unused by the kernels, left empty.
+        blocks=none,
+        lens=none,
+        offsets=none,
+        max_blocks=max_blocks,
+        layer_blocks=(),
+        positions=positions,
+        metric_power=metric_power,
+        any_metric=collects,
+        collection_buffer=collection_buffer,
+        any_buffer=collects,
+    )
+    append = AppendPlan(
+        slots=write_slots.view(cache.num_layers, B, cache.num_kv_heads).transpose(1, 2),
+        positions=positions,
+        token_seq_index=torch.arange(B, device=seq_slots.device),
+    )
+    return AttentionMetadata(
+        seq_slots=seq_slots,
+        append=append,
+        write_slots=write_slots,
+        query_lens=[1] * B,
+        num_decode=B,
+        decode=decode,
+        chunks=[],
+    )
+
+
 def build_metadata(
     cache: PagedKVCache,
     *,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvcompress.bench.engine_run import run_all
+from kvcompress.bench.engine_run import auto_device, run_all
 from kvcompress.bench.workload import text_prompts
 from kvcompress.compress import CompressionParams, exact_rates
 from kvcompress.engine import EngineConfig, LLMEngine
@@ -27,6 +27,11 @@ class DecodeBenchConfig:
     model: str | None = None
     kv_cache_memory: str = "2GiB"
     transformers_baseline: bool = True
+    device: str | None = None  # None: cuda if available
+    # The engine's (auto: bfloat16 on CUDA, float32 on CPU; the KVs in the model's dtype).
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    enforce_eager: bool = False  # no CUDA graphs for the engine's decode steps
     # What 'on' uses besides the rate.
     compression: CompressionParams = field(default_factory=exact_rates)
 
@@ -41,10 +46,15 @@ class DecodeBenchConfig:
 
 def _transformers_run(model, prompts: list[list[int]], output_len: int) -> tuple[float, float]:
     """(total seconds, prefill seconds) of greedy ``generate`` on one unpadded batch."""
-    ids = torch.tensor(prompts)
+    device = next(model.parameters()).device
+    ids = torch.tensor(prompts, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
+        model(ids[:1, :8], logits_to_keep=1)  # warm-up: kernel selection, first allocations
+        sync()
         start = time.perf_counter()
         model(ids, logits_to_keep=1)  # the prefill alone, to split generate's time
+        sync()
         prefill = time.perf_counter() - start
         start = time.perf_counter()
         # min_new_tokens: exactly output_len tokens, like our ignore_eos.
@@ -56,6 +66,7 @@ def _transformers_run(model, prompts: list[list[int]], output_len: int) -> tuple
             attention_mask=torch.ones_like(ids),
             pad_token_id=0,  # unpadded batch: only silences the padding warning
         )
+        sync()
         total = time.perf_counter() - start
     return total, prefill
 
@@ -67,6 +78,10 @@ def run_decode_bench(cfg: DecodeBenchConfig) -> list[dict]:
             kv_cache_memory=cfg.kv_cache_memory,
             max_num_seqs=max(cfg.batch_sizes),
             max_num_batched_tokens=max(cfg.batch_sizes) * cfg.prompt_len,
+            device=auto_device(cfg.device),
+            dtype=cfg.dtype,
+            kv_cache_dtype=cfg.kv_cache_dtype,
+            enforce_eager=cfg.enforce_eager,
         )
     )
     hf = engine.to_transformers() if cfg.transformers_baseline else None
@@ -84,6 +99,13 @@ def run_decode_bench(cfg: DecodeBenchConfig) -> list[dict]:
             decode_tokens = batch * (cfg.output_len - 1)  # the first token comes from prefill
             row[f"{name}_total_tok_s"] = r.total_tokens_per_s
             row[f"{name}_decode_tok_s"] = decode_tokens / r.decode_seconds
+            if name == "on":
+                # Compressing (after the prefill and as the sequences grow) against the
+                # decode steps' own time.
+                row["on_compression_s"] = r.compression_seconds
+                row["on_compression_share"] = r.compression_seconds / (
+                    r.compression_seconds + r.decode_seconds
+                )
         if hf is not None:
             total, prefill = _transformers_run(hf, prompts, cfg.output_len)
             tokens = batch * (cfg.prompt_len + cfg.output_len)

@@ -5,8 +5,15 @@ from __future__ import annotations
 import time
 from typing import NamedTuple
 
+import torch
+
 from kvcompress.compress import CompressionParams
 from kvcompress.engine import LLMEngine, SamplingParams
+
+
+def auto_device(device: str | None) -> str:
+    """A benchmark's device: ``device``, or CUDA when there is one."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class RunResult(NamedTuple):

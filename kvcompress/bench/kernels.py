@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from kvcompress.attention import build_metadata, make_backend, resolve_backend
+from kvcompress.attention.triton import available as triton_available
+from kvcompress.bench.engine_run import auto_device
 from kvcompress.cache import CacheConfig, PagedKVCache, kv_dtype_from_name, parse_size
 
 # Peak memory bandwidth (bytes/s) by device name: the first entry whose words all appear in
@@ -68,7 +70,7 @@ class KernelBenchConfig:
 
     @property
     def resolved_device(self) -> str:
-        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return auto_device(self.device)
 
     def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(contexts, batch sizes), with the device's defaults."""
@@ -87,7 +89,19 @@ def device_description(cfg: KernelBenchConfig) -> tuple[str, float | None]:
 
 
 def _timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
-    """Median seconds of a call, after two warm-up calls (compilation, first touch)."""
+    """Median seconds of a call, after warm-up calls (compilation, first touch).
+
+    On CUDA with Triton: ``triton.testing.do_bench``, which times with CUDA events and clears
+    the L2 cache before every call (a small shape's K and V would otherwise be read from the
+    cache, not from memory).
+    """
+    if device.type == "cuda" and triton_available():
+        from triton.testing import do_bench
+
+        # do_bench's warm-up and repeat budgets are milliseconds.
+        return lambda fn: (
+            do_bench(fn, warmup=10, rep=max(20, 2 * repeats), return_mode="median") * 1e-3
+        )
 
     def measure(fn: Callable[[], object]) -> float:
         for _ in range(2):

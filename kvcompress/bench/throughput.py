@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from kvcompress.bench.engine_run import RunResult, run_all
+from kvcompress.bench.engine_run import RunResult, auto_device, run_all
 from kvcompress.bench.workload import text_prompts
 from kvcompress.cache import parse_size
 from kvcompress.compress import CompressionParams, exact_rates
@@ -35,6 +35,7 @@ class ThroughputBenchConfig:
     # The engine's (auto: float32 on CPU, bfloat16 on CUDA; the KVs in the model's dtype).
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"
+    device: str | None = None  # None: cuda if available
     # What every rate uses besides it.
     compression: CompressionParams = field(default_factory=exact_rates)
 
@@ -78,7 +79,7 @@ def _transformers_baseline(engine: LLMEngine, prompts, cfg: ThroughputBenchConfi
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(prompts), batch):
-            ids = torch.tensor(prompts[i : i + batch])
+            ids = torch.tensor(prompts[i : i + batch], device=engine.device)
             hf.generate(
                 ids,
                 max_new_tokens=cfg.output_len,
@@ -87,6 +88,8 @@ def _transformers_baseline(engine: LLMEngine, prompts, cfg: ThroughputBenchConfi
                 attention_mask=torch.ones_like(ids),
                 pad_token_id=0,  # unpadded batches: only silences the padding warning
             )
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
     seconds = time.perf_counter() - start
     out = len(prompts) * cfg.output_len
     return {
@@ -112,6 +115,7 @@ def run_throughput_bench(cfg: ThroughputBenchConfig) -> list[dict]:
             tensor_parallel_size=cfg.tensor_parallel_size,
             dtype=cfg.dtype,
             kv_cache_dtype=cfg.kv_cache_dtype,
+            device=auto_device(cfg.device),
         )
     )
     try:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvcompress.attention import ATTENTION_BACKENDS
+from kvcompress.attention import ATTENTION_BACKENDS, resolve_backend
 from kvcompress.cache import kv_dtype_from_name, parse_size
 from kvcompress.compress import CompressionParams, MetricConfig
 from kvcompress.models import packing_available
@@ -37,6 +37,9 @@ class EngineConfig:
     # with a scale per (layer, KV head), see kvcompress/cache/quant.py). Resolved likewise.
     kv_cache_dtype: torch.dtype | str = "auto"
     attention_backend: str = "auto"  # auto (Triton on CUDA), torch or triton
+    # Decode steps replay CUDA graphs captured at start (on CUDA with the Triton backend, one
+    # rank); True runs every step eagerly.
+    enforce_eager: bool = False
     # A oneDNN-blocked copy of every linear weight for products of 4+ rows (batched decode,
     # prefill): auto (on for float32 on CPU), on or off. Faster batched steps on CPU
     # (kvcompress/models/parallel.py has the measurements), the weights' memory twice.
@@ -88,6 +91,8 @@ class EngineConfig:
                 "packed_weights 'on' needs float32 weights on CPU and a torch built with "
                 f"oneDNN (got dtype {self.dtype} on {self.device})"
             )
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         if not isinstance(self.compression, CompressionParams):
             raise TypeError("compression must be a CompressionParams")
 
@@ -103,6 +108,16 @@ class EngineConfig:
     def packs_weights(self) -> bool:
         """Whether the model keeps blocked copies of its weights (``packed_weights``)."""
         return self.packed_weights == "on" or (self.packed_weights == "auto" and self._can_pack)
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether decode steps replay captured CUDA graphs (see engine/cuda_graphs.py)."""
+        return (
+            not self.enforce_eager
+            and torch.device(self.device).type == "cuda"
+            and resolve_backend(self.attention_backend, self.device) == "triton"
+            and self.tensor_parallel_size == 1
+        )
 
     @property
     def chunk_size(self) -> int:

@@ -11,6 +11,7 @@ import torch
 from kvcompress.attention.metadata import build_metadata
 from kvcompress.cache import PagedKVCache
 from kvcompress.compress import MetricConfig
+from kvcompress.engine.cuda_graphs import DecodeGraphs
 from kvcompress.engine.kept_queries import KeptQueries
 from kvcompress.engine.last_queries import LastQueries
 from kvcompress.engine.logprobs import TokenLogprob, score_positions
@@ -43,6 +44,8 @@ class ModelRunner:
         heads = len(model.shard.layout.q_heads)
         shape = (cache.config.max_seqs, mc.num_layers, heads, mc.head_dim)
         self.kept_queries = KeptQueries(LastQueries(*shape, device), WindowQueries(*shape, device))
+        # Captured decode steps (CUDA graphs), set by the engine when it uses them.
+        self.graphs: DecodeGraphs | None = None
 
     @torch.inference_mode()
     def run(
@@ -89,6 +92,12 @@ class ModelRunner:
         seq_slots, counts, metric_power, collection_buffer = per_seq[:4]
         plan = self.cache.prepare_append(seq_slots, counts)
         keep = [i for i, seq in enumerate(seqs) if seq.keeps_last_query]
+        if self._replays(len(seqs), num_decode, keep, prompt_logprobs):
+            assert self.graphs is not None
+            logits = self.graphs.run(per_seq, input_ids, plan, any(powers))
+            if len(sample) != len(seqs):
+                logits = logits[torch.tensor(sample, dtype=torch.long, device=dev)]
+            return RunnerOutput(logits, {})
         capture = self.kept_queries.newest.capture(
             [ends[i] for i in keep], [slots[i] for i in keep]
         )
@@ -120,6 +129,19 @@ class ModelRunner:
         if len(sample) != len(seqs) or num_decode != len(seqs):
             hidden = hidden[torch.tensor([ends[i] for i in sample], dtype=torch.long, device=dev)]
         return RunnerOutput(self.model.compute_logits(hidden), scored)
+
+    def _replays(
+        self, batch: int, num_decode: int, keep: list[int], score: Mapping[int, int] | None
+    ) -> bool:
+        """Whether the step is a captured decode step: decodes only, no query kept, no
+        prompt scored, and a batch a graph holds."""
+        return (
+            self.graphs is not None
+            and num_decode == batch
+            and not keep
+            and not score
+            and self.graphs.bucket(batch) is not None
+        )
 
     def _score_prompts(
         self,

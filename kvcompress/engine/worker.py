@@ -23,6 +23,7 @@ from kvcompress.cache import CacheConfig, PagedKVCache
 from kvcompress.cache.paged_cache import CacheAudit
 from kvcompress.compress import AllGatherExchange, CompressionParams, Compressor
 from kvcompress.engine.config import EngineConfig
+from kvcompress.engine.cuda_graphs import DecodeGraphs
 from kvcompress.engine.model_runner import ModelRunner
 from kvcompress.engine.outputs import KVStats, RankBlocks
 from kvcompress.models import LoadedModel, load_model, pack_linear_weights
@@ -81,6 +82,9 @@ def build_rank(
         exchange=exchange,
     )
     runner = ModelRunner(loaded.model, cache, device, config.metric)
+    if config.uses_cuda_graphs:
+        runner.graphs = DecodeGraphs(loaded.model, cache, config.max_num_seqs)
+        runner.graphs.capture()
     return Rank(loaded, cache, backend, compressor, runner, max_model_len)
 
 

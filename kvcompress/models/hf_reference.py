@@ -33,9 +33,10 @@ def to_transformers(model: LlamaForCausalLM, config: ModelConfig) -> torch.nn.Mo
         attention_bias=config.attention_bias,
         mlp_bias=config.mlp_bias,
     )
-    dtype = next(model.parameters()).dtype
-    hf = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).eval()
+    weight = next(model.parameters())
+    hf = AutoModelForCausalLM.from_config(hf_config, dtype=weight.dtype).eval()
     hf.load_state_dict(model.state_dict(), strict=False)
+    hf.to(weight.device)
     missing = set(hf.state_dict()) - set(model.state_dict())
     if missing - {"lm_head.weight"}:
         raise ValueError(f"weights missing for transformers' model: {sorted(missing)[:5]}")

@@ -34,6 +34,8 @@ ENGINE_OPTIONS: dict[str, str] = {
     "kv_cache_dtype": "K/V storage: auto (the model dtype), bfloat16, float16, float32, fp8 "
     "(float8_e4m3fn, a scale per layer and KV head)",
     "attention_backend": "auto (triton on CUDA, torch on CPU), torch, triton",
+    "enforce_eager": "run every decode step eagerly (default on CUDA with the Triton backend: "
+    "replay CUDA graphs captured at start)",
     "packed_weights": "auto (on for float32 on CPU), on, off: a oneDNN-blocked copy of "
     "every linear weight for steps of 4+ tokens (faster batched decode on CPU, the weights' "
     "memory twice)",
@@ -52,6 +54,8 @@ INT_OPTIONS = (
     "seed",
     "tensor_parallel_size",
 )
+# Flags that switch a False default on.
+BOOL_OPTIONS = ("enforce_eager",)
 CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "kv_cache_dtype": ("auto", "bfloat16", "float16", "float32", "fp8"),
@@ -106,6 +110,9 @@ def add_engine_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
     group = parser.add_argument_group("engine")
     for name, help in ENGINE_OPTIONS.items():
         default = config_defaults[name]
+        if name in BOOL_OPTIONS:
+            group.add_argument(_flag(name), action="store_true", default=default, help=help)
+            continue
         kind = int if name in INT_OPTIONS else str
         shown = "" if default is None else f" (default: {default})"
         group.add_argument(

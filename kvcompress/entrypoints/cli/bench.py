@@ -34,6 +34,7 @@ SWEPT = ("compression_rate", "max_cache_tokens")
 T = TypeVar("T")
 REPORT_HELP = "one JSON document on stdout"
 CSV_HELP = "also write the rows as CSV"
+DEVICE_HELP = "torch device (default: cuda if available, else cpu)"
 # Config fields set by a --no-... flag: field -> option.
 NEGATED = {"transformers_baseline": "no_transformers", "reference": "no_reference"}
 
@@ -62,6 +63,11 @@ def add_bench_parser(commands) -> None:
     decode.add_argument("--model", default=d.model)
     decode.add_argument("--kv-cache-memory", default=d.kv_cache_memory)
     decode.add_argument("--no-transformers", action="store_true", help="skip the baseline")
+    decode.add_argument("--device", default=d.device, help=DEVICE_HELP)
+    add_dtype_args(decode, d)
+    decode.add_argument(
+        "--enforce-eager", action="store_true", help=ENGINE_OPTIONS["enforce_eager"]
+    )
     decode.add_argument("--json", action="store_true", help=REPORT_HELP)
     add_compression_args(decode, "compression (of the 'on' runs)", exclude=SWEPT)
     decode.set_defaults(func=run_decode)
@@ -82,11 +88,8 @@ def add_bench_parser(commands) -> None:
         help="ranks the model is sharded over (the KV budget is per rank; the transformers "
         "baseline is skipped)",
     )
-    for name in ("dtype", "kv_cache_dtype"):
-        flag = "--" + name.replace("_", "-")
-        tp.add_argument(
-            flag, default=getattr(d, name), choices=CHOICES[name], help=ENGINE_OPTIONS[name]
-        )
+    tp.add_argument("--device", default=d.device, help=DEVICE_HELP)
+    add_dtype_args(tp, d)
     tp.add_argument("--plot-dir", default=None, help="write throughput_speedup.png here")
     tp.add_argument("--json", action="store_true", help=REPORT_HELP)
     add_compression_args(tp, "compression (at every rate)", exclude=SWEPT)
@@ -177,11 +180,20 @@ def add_bench_parser(commands) -> None:
     kernels.add_argument(
         "--kv-cache-dtype", default=d.kv_cache_dtype, choices=("auto", "bfloat16", "float16", "fp8")
     )
-    kernels.add_argument("--device", default=d.device, help="default: cuda if available")
+    kernels.add_argument("--device", default=d.device, help=DEVICE_HELP)
     kernels.add_argument("--repeats", type=int, default=d.repeats)
     kernels.add_argument("--max-kv-memory", default=d.max_kv_memory)
     kernels.add_argument("--json", action="store_true", help=REPORT_HELP)
     kernels.set_defaults(func=run_kernels)
+
+
+def add_dtype_args(parser: argparse.ArgumentParser, defaults) -> None:
+    """``--dtype`` and ``--kv-cache-dtype``, as the engine takes them."""
+    for name in ("dtype", "kv_cache_dtype"):
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(
+            flag, default=getattr(defaults, name), choices=CHOICES[name], help=ENGINE_OPTIONS[name]
+        )
 
 
 def _config_from_args(cls: type[T], args: argparse.Namespace) -> T:
@@ -215,12 +227,15 @@ def run_memory(args: argparse.Namespace) -> int:
 
 def run_decode(args: argparse.Namespace) -> int:
     from kvcompress.bench.decode import run_decode_bench
+    from kvcompress.bench.engine_run import auto_device
     from kvcompress.report import emit_report
 
     cfg = _config_from_args(DecodeBenchConfig, args)
     header = (
         f"decode benchmark: prompts of {cfg.prompt_len} tokens, {cfg.output_len} generated, "
-        f"compression 'on' = {cfg.compression.policy} at rate {cfg.rate}; tokens/s"
+        f"compression 'on' = {cfg.compression.policy} at rate {cfg.rate}, device "
+        f"{auto_device(cfg.device)}{', eager' if cfg.enforce_eager else ''}; tokens/s; "
+        "on_compression_share: compression / (compression + decode steps)"
     )
     emit_report(cfg, run_decode_bench(cfg), args.json, header)
     return 0
