@@ -15,11 +15,13 @@ __all__ = [
     "build_metadata",
     "make_backend",
     "resolve_backend",
+    "triton_available",
 ]
 
 if TYPE_CHECKING:
     from kvcompress.attention.selection import ATTENTION_BACKENDS, make_backend, resolve_backend
     from kvcompress.attention.torch_backend import TorchAttentionBackend
+    from kvcompress.attention.triton import available as triton_available
     from kvcompress.attention.triton_backend import TritonAttentionBackend
 
 
@@ -34,6 +36,10 @@ def __getattr__(name: str):
         from kvcompress.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend
+    if name == "triton_available":  # whether Triton is installed (does not import it)
+        from kvcompress.attention.triton import available
+
+        return available
     if name in ("ATTENTION_BACKENDS", "make_backend", "resolve_backend"):
         from kvcompress.attention import selection
 

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvcompress.attention import build_metadata, make_backend, resolve_backend
-from kvcompress.attention.triton import available as triton_available
+from kvcompress.attention import build_metadata, make_backend, resolve_backend, triton_available
 from kvcompress.bench.engine_run import auto_device
 from kvcompress.cache import CacheConfig, PagedKVCache, kv_dtype_from_name, parse_size
 

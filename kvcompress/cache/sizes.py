@@ -23,8 +23,9 @@ _UNITS = {
 _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 
 
-def parse_size(value: int | float | str) -> int:
-    """Bytes from an int or a string such as ``"2GiB"``, ``"1.5 GB"`` or ``"4096"``."""
+def parse_size(value: int | float | str, allow_zero: bool = False) -> int:
+    """Bytes from an int or a string such as ``"2GiB"``, ``"1.5 GB"`` or ``"4096"``
+    (positive, or also 0 with ``allow_zero``)."""
     if isinstance(value, bool):
         raise ValueError(f"not a size: {value!r}")
     if isinstance(value, int | float):
@@ -37,8 +38,8 @@ def parse_size(value: int | float | str) -> int:
         if unit not in _UNITS:
             raise ValueError(f"unknown size unit {match.group(2)!r} in {value!r}")
     size = int(number * _UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {value!r}")
+    if size < 0 or (size == 0 and not allow_zero):
+        raise ValueError(f"size must be {'>= 0' if allow_zero else 'positive'}, got {value!r}")
     return size
 
 

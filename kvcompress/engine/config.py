@@ -26,6 +26,9 @@ class EngineConfig:
     # Tokens of future growth a request that does not evict reserves at admission (bounded
     # by its max_tokens), so that admitting prompts does not force preemptions soon after.
     decode_headroom: int = 256
+    # Host memory that preempted sequences' KVs are swapped out to, so that they resume with
+    # exactly what they held instead of being recomputed (0: always recompute). One rank only.
+    swap_space: int | str = "4GiB"
     max_kvs_per_pass: int = 1 << 24  # KVs sorted in one compression pass
     max_queue: int | None = None  # waiting requests allowed; None: unbounded
     compression: CompressionParams = field(default_factory=CompressionParams)
@@ -52,6 +55,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.kv_cache_memory = parse_size(self.kv_cache_memory)
+        self.swap_space = parse_size(self.swap_space, allow_zero=True)
         for name in (
             "max_num_seqs",
             "max_num_batched_tokens",

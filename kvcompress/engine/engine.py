@@ -510,6 +510,8 @@ class LLMEngine(EngineAnalysis, EngineBranching):
             blocks_shared=sum(r.blocks_shared for r in ranks),
             blocks_distinct=sum(r.blocks_distinct for r in ranks),
             ranks=tuple(ranks) if self.ranks else (),
+            swaps=s.swaps,
+            swapped_bytes=s.swapped_bytes,
         )
 
     def reset_peak_memory(self) -> None:

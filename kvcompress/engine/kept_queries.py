@@ -10,9 +10,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import NamedTuple
 
+import torch
+
 from kvcompress.compress import ScorerInputs
 from kvcompress.engine.last_queries import LastQueries
 from kvcompress.engine.window_queries import WindowQueries
+
+
+class KeptRows(NamedTuple):
+    """One sequence's rows of both stores, off their slot (a swapped-out sequence's)."""
+
+    newest: torch.Tensor | None
+    window: torch.Tensor | None
 
 
 class KeptQueries(NamedTuple):
@@ -29,6 +38,13 @@ class KeptQueries(NamedTuple):
         if "query_mean" in needs:
             fields["query_mean"] = self.windows.get(slots)
         return ScorerInputs(**fields) if any(v is not None for v in fields.values()) else None
+
+    def rows(self, slot: int) -> KeptRows:
+        return KeptRows(self.newest.row(slot), self.windows.row(slot))
+
+    def put(self, slot: int, rows: KeptRows) -> None:
+        self.newest.put(slot, rows.newest)
+        self.windows.put(slot, rows.window)
 
     def copy(self, source: int, dest: int) -> None:
         """A fork starts from what its parent kept."""

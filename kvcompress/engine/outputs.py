@@ -160,6 +160,10 @@ class EngineStats(NamedTuple):
     # Under tensor parallelism, each rank's blocks; the block and KV counts above are their
     # sums (``blocks_peak``: the sum of each rank's high-water mark). Empty on one device.
     ranks: tuple[RankBlocks, ...] = ()
+    # Of ``preemptions``, those that swapped the sequence out to host memory (the others
+    # recompute it), and the host bytes swapped-out sequences hold now.
+    swaps: int = 0
+    swapped_bytes: int = 0
 
     @property
     def blocks_used(self) -> int:

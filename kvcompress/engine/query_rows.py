@@ -35,6 +35,16 @@ class QueryRows:
             return None
         return self.store[torch.tensor(slots, dtype=torch.long, device=self.device)]
 
+    def row(self, slot: int) -> torch.Tensor | None:
+        """A copy of one slot's row (None before any was kept): kept by a swapped-out
+        sequence until it returns."""
+        return None if self.store is None else self.store[slot].clone()
+
+    def put(self, slot: int, row: torch.Tensor | None) -> None:
+        """Write back a row taken by :meth:`row`."""
+        if row is not None:
+            self.allocated()[slot] = row
+
     def copy(self, source: int, dest: int) -> None:
         """A fork starts from its parent's row."""
         if self.store is not None:

@@ -8,9 +8,10 @@ admitted when its first chunk fits beside what the running sequences may still c
 decode headroom), so admitting it does not force a preemption a few steps later.
 
 Order of remedies when memory runs short: compress (sequences whose parameters allow it,
-down to their budgets), then preempt the most recently admitted sequence, which is
-recomputed later through the same chunked, compressing prefill. A request is never
-dropped.
+down to their budgets), then preempt the most recently admitted sequence. A preempted
+sequence is swapped out to host memory while ``swap_space`` has room (it comes back with
+exactly the KVs it held, as soon as they fit again), else recomputed later through the same
+chunked, compressing prefill. A request is never dropped.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvcompress.cache import PagedKVCache
+from kvcompress.cache import PagedKVCache, swap_bytes, swap_in, swap_out
 from kvcompress.compress import Compressor, ScorerInputs
 from kvcompress.compress.budget import blocks_after_compression
 from kvcompress.engine.config import EngineConfig
@@ -67,6 +68,11 @@ class Scheduler:
         self.compression_passes = 0
         self.compression_seconds = 0.0
         self.preemptions = 0
+        self.swaps = 0  # preemptions that swapped out
+        self.swapped_bytes = 0  # host bytes the swapped-out sequences hold now
+        # Swapping reads and writes this process's pool: not under tensor parallelism, whose
+        # scheduler drives every rank's.
+        self.swap_space = config.swap_space if isinstance(cache, PagedKVCache) else 0
 
     @property
     def heads(self) -> int:
@@ -124,8 +130,36 @@ class Scheduler:
             free -= sum(self._headroom(s, scheduled.get(id(s), 0)) for s in self.running)
         # Sequence slots promised to the forks of prefilling n > 1 requests.
         forks = sum(s.forks_pending for s in self.running)
+        resumed: list[Sequence] = []  # swapped back in this step, decoding
         while self.waiting and tokens_left > 0:
             seq = self.waiting[0]
+            if seq.swapped is not None:
+                # Back when what it held fits beside the others' headroom, and its own.
+                need = seq.swapped.num_blocks
+                reserve = self._headroom(seq, 0)
+                if (
+                    need + (reserve if self.running else 0) > free
+                    or len(self.running) + forks + 1 > self.config.max_num_seqs
+                    or self.cache.num_free_seq_slots - forks < 1
+                ):
+                    break
+                self.waiting.popleft()
+                self._swap_in(seq)
+                free -= need + reserve
+                # It goes on this very step: its next token (within the reserve), or its
+                # next chunk if one fits.
+                if seq.prefilled:
+                    resumed.append(seq)
+                    tokens_left -= 1
+                    continue
+                want = min(self.chunk_size, seq.num_uncomputed, tokens_left)
+                n, need = self.fit_chunk(seq, want, free)
+                if n:
+                    chunks.append(seq)
+                    scheduled[id(seq)] = n
+                    tokens_left -= n
+                    free -= need
+                continue
             n = min(self.chunk_size, seq.num_uncomputed, tokens_left)
             whole = bool(seq.branches)
             if whole:
@@ -170,6 +204,7 @@ class Scheduler:
             scheduled[id(seq)] = n
             tokens_left -= n
             free -= need + reserve
+        decodes += resumed
         seqs = decodes + chunks
         num_tokens = [1] * len(decodes) + [scheduled[id(s)] for s in chunks]
         sample = [i for i, s in enumerate(seqs) if num_tokens[i] == s.num_uncomputed]
@@ -245,18 +280,52 @@ class Scheduler:
             self._preempt(self.running[-1])
 
     def _preempt(self, seq: Sequence) -> None:
-        """Free a sequence's blocks; it is recomputed from its tokens when admitted again."""
+        """Free a sequence's blocks: swapped out when ``swap_space`` has room for them, else
+        recomputed from its tokens when admitted again."""
         self.running.remove(seq)
-        self.cache.free_seq(seq.slot)
-        seq.slot = None
         seq.status = SequenceStatus.WAITING
-        seq.num_computed = 0
-        seq.prefilled = False
         seq.preemptions += 1
-        seq.compressions = 0
-        seq.steps_since_compression = 0
         self.preemptions += 1
         self.waiting.appendleft(seq)
+        if self._may_swap(seq):
+            if self.kept_queries is not None:
+                seq.swapped_queries = self.kept_queries.rows(seq.slot)
+            seq.swapped = swap_out(self.cache, seq.slot)
+            seq.slot = None
+            self.swapped_bytes += seq.swapped.nbytes
+            self.swaps += 1
+            return
+        self.cache.free_seq(seq.slot)
+        seq.slot = None
+        seq.num_computed = 0
+        seq.prefilled = False
+        seq.compressions = 0
+        seq.steps_since_compression = 0
+
+    def _may_swap(self, seq: Sequence) -> bool:
+        """Whether ``seq`` is swapped out rather than recomputed: it holds something, the
+        swap space has room for it, and it has no forks or branches still to make (they
+        would share blocks it no longer holds)."""
+        if seq.num_computed == 0 or seq.forks_pending or seq.branches:
+            return False
+        held = swap_bytes(self.cache, self.cache.blocks_held(seq.slot))
+        return self.swapped_bytes + held <= self.swap_space
+
+    def _swap_in(self, seq: Sequence) -> None:
+        swapped = seq.swapped
+        assert swapped is not None
+        seq.slot = swap_in(self.cache, swapped)
+        if self.kept_queries is not None and seq.swapped_queries is not None:
+            self.kept_queries.put(seq.slot, seq.swapped_queries)
+        self._drop_swapped(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def _drop_swapped(self, seq: Sequence) -> None:
+        if seq.swapped is not None:
+            self.swapped_bytes -= seq.swapped.nbytes
+        seq.swapped = None
+        seq.swapped_queries = None
 
     # ------------------------------------------------------------------ compression
     def compress(self, seqs: list[Sequence]) -> bool:
@@ -338,4 +407,5 @@ class Scheduler:
         if seq.slot is not None:
             self.cache.free_seq(seq.slot)
             seq.slot = None
+        self._drop_swapped(seq)  # an aborted swapped-out request's host copy
         seq.status = SequenceStatus.FINISHED

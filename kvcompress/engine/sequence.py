@@ -9,8 +9,10 @@ from typing import NamedTuple
 
 import torch
 
+from kvcompress.cache import SwappedSeq
 from kvcompress.compress import CompressionParams
 from kvcompress.engine.detokenizer import DetokenizerState
+from kvcompress.engine.kept_queries import KeptRows
 from kvcompress.engine.logprobs import TokenLogprob
 from kvcompress.engine.outputs import KVStats
 from kvcompress.engine.sampling import SamplingParams
@@ -82,6 +84,11 @@ class Sequence:
     # nothing itself, is never compressed and leaves the engine at the fork. Empty for
     # every other sequence.
     branches: list[Branch] = field(default_factory=list)
+    # Preempted by swapping out (see cache/swap.py): the KVs it held, on the host, and the
+    # queries the engine kept for its scorer; None while in the pool, or when preempted to
+    # be recomputed.
+    swapped: SwappedSeq | None = None
+    swapped_queries: KeptRows | None = None
 
     def __post_init__(self) -> None:
         if self.sampling.seed is not None:

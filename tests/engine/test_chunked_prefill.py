@@ -118,15 +118,21 @@ def test_a_prompt_longer_than_the_cache_runs_in_bounded_memory(engine):
     assert eng.cache.audit().ok and eng.cache.num_free_blocks == pool
 
 
-def test_preempted_compressed_requests_are_recomputed_compressed_and_reach_max_tokens(engine):
+@pytest.mark.parametrize("swap_space", [0, "64MiB"], ids=["recompute", "swap"])
+def test_preempted_compressed_requests_resume_compressed_and_reach_max_tokens(engine, swap_space):
     # Three requests at rate 4 whose budgets do not all fit at once: some are preempted,
-    # recomputed through the chunked, compressing prefill, and still generate every token.
-    eng = make_engine(kv_cache_memory=blocks(10 * HEADS), prefill_chunk_size=32)
+    # then swapped back in or recomputed through the chunked, compressing prefill, and
+    # still generate every token.
+    eng = make_engine(
+        kv_cache_memory=blocks(10 * HEADS), prefill_chunk_size=32, swap_space=swap_space
+    )
     prompts = [prose_ids(engine, 40, offset=700 * i) for i in range(3)]
     params = {"compression_rate": 4, "protected_window": 8, "min_cache_tokens": 0}
     assert eng.capacity().blocks_for(40 + 150) > eng.capacity().num_blocks // 3
     done, ids = generate(eng, prompts, SamplingParams(max_tokens=150, ignore_eos=True), params)
-    assert eng.stats().preemptions > 0
+    stats = eng.stats()
+    assert stats.preemptions > 0
+    assert (stats.swaps == stats.preemptions) if swap_space else (stats.swaps == 0)
     assert [done[i].num_output_tokens for i in ids] == [150, 150, 150]
     assert eng.cache.audit().ok and eng.cache.num_free_blocks == eng.cache.num_blocks
 

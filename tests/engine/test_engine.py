@@ -73,7 +73,8 @@ def test_bad_requests_are_refused_clearly(engine):
     assert not engine.has_unfinished_requests()
 
 
-def test_preemption_and_recompute_give_the_same_greedy_output(engine):
+@pytest.mark.parametrize("swap_space", [0, "64MiB"], ids=["recompute", "swap"])
+def test_preemption_and_resumption_give_the_same_greedy_output(engine, swap_space):
     prompts = [prose_ids(engine, 60, offset=300 * i) for i in range(3)]
     sampling = SamplingParams(max_tokens=40, ignore_eos=True)
     alone = []
@@ -83,14 +84,22 @@ def test_preemption_and_recompute_give_the_same_greedy_output(engine):
             alone += [o.token_ids for o in engine.step() if o.finished]
     # Room for the three prompts, not for all three to grow by 40 tokens; no headroom
     # reserved at admission, so that the pool does run short.
-    tight = make_engine(kv_cache_memory=90 * 14 * 8320, max_num_seqs=4, decode_headroom=0)
+    tight = make_engine(
+        kv_cache_memory=90 * 14 * 8320, max_num_seqs=4, decode_headroom=0, swap_space=swap_space
+    )
     ids = [tight.add_request(p, sampling, FULL) for p in prompts]
     done = {}
     while tight.has_unfinished_requests():
         done |= {o.request_id: o.token_ids for o in tight.step() if o.finished}
-    assert tight.stats().preemptions > 0
+    stats = tight.stats()
+    assert stats.preemptions > 0
     assert [done[i] for i in ids] == alone
     assert tight.cache.num_free_blocks == tight.cache.num_blocks
+    if swap_space:  # every preempted request swapped out and back: no prompt fed twice
+        assert stats.swaps == stats.preemptions and stats.swapped_bytes == 0
+        assert stats.prompt_tokens == sum(len(p) for p in prompts)
+    else:  # recomputed: the prompt and the output so far fed again
+        assert stats.swaps == 0 and stats.prompt_tokens > sum(len(p) for p in prompts)
 
 
 def test_abort_frees_blocks(engine):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import pytest
 import torch
 
 from kvcompress.cache import CacheConfig, PagedKVCache
@@ -201,10 +202,11 @@ def test_short_pool_compresses_instead_of_preempting():
     assert h.calls("after") == [(1, [a.slot, b.slot])]  # no interval: prefill only
 
 
-def test_preemption_only_after_compression_falls_short_and_takes_the_latest_admitted():
-    # a may compress but is within its budget (frees nothing); b and c never compress.
-    # c is admitted a step after a and b (the batch token cap), beside their decodes.
-    h = Harness(blocks=20, max_num_batched_tokens=8, decode_headroom=0)
+def preempting_c(**engine_kwargs) -> tuple[Harness, Sequence, Sequence, Sequence]:
+    """a may compress but is within its budget (frees nothing); b and c never compress.
+    c is admitted a step after a and b (the batch token cap), beside their decodes; at the
+    fourth step a and b need a block per head for their 7th token (4 blocks, 2 free)."""
+    h = Harness(blocks=20, max_num_batched_tokens=8, decode_headroom=0, **engine_kwargs)
     a = h.add("a", 4, max_cache_tokens=100)
     b = h.add("b", 4)
     c = h.add("c", 4, policy="full", compression_rate=8.0)
@@ -212,8 +214,16 @@ def test_preemption_only_after_compression_falls_short_and_takes_the_latest_admi
     batch = h.step()  # a and b decode their 5th token; c's prompt fits beside them
     assert batch.seqs == [a, b, c] and batch.num_decode == 2 and batch.num_tokens == [1, 1, 4]
     assert is_decode(h.step())
+    assert short(h.sched)
+    return h, a, b, c
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["recompute", "swap"])
+def test_preemption_only_after_compression_falls_short_and_takes_the_latest_admitted(swap):
+    h, a, b, c = preempting_c(swap_space="1MiB" if swap else 0)
     running = [a.slot, b.slot, c.slot]
-    assert short(h.sched)  # a and b need a block per head for their 7th token: 4 blocks, 2 free
+    held = h.cache.blocks_held(c.slot)
+    state = (c.num_computed, c.prefilled, c.compressions, c.steps_since_compression)
     batch = h.step()
     assert is_decode(batch) and batch.seqs == [a, b]
     calls = [c_ for c_ in h.spy.calls if c_.phase == "schedule"]
@@ -224,10 +234,46 @@ def test_preemption_only_after_compression_falls_short_and_takes_the_latest_admi
     # Freeing c was enough: b stays.
     assert h.sched.preemptions == 1 and c.preemptions == 1
     assert c.status is SequenceStatus.WAITING and c.slot is None
-    assert (c.num_computed, c.prefilled) == (0, False)  # recomputed from its first token
     assert h.sched.waiting[0] is c
     assert h.sched.running == [a, b]
-    assert (c.compressions, c.steps_since_compression) == (0, 0)
+    if swap:  # on the host, to resume where it was
+        assert h.sched.swaps == 1 and c.swapped.num_blocks == held
+        assert h.sched.swapped_bytes == c.swapped.nbytes > 0
+        assert (c.num_computed, c.prefilled, c.compressions, c.steps_since_compression) == state
+    else:  # recomputed from its first token
+        assert h.sched.swaps == 0 and c.swapped is None
+        assert (c.num_computed, c.prefilled) == (0, False)
+        assert (c.compressions, c.steps_since_compression) == (0, 0)
+
+
+def test_a_swapped_out_sequence_comes_back_once_its_blocks_fit_and_decodes_on():
+    h, a, _, c = preempting_c(swap_space="1MiB")
+    h.step()  # c is swapped out
+    computed = c.num_computed
+    assert c.swapped is not None
+    h.sched.finish(a)
+    batch = h.step()  # a's blocks free: c returns and decodes in the same step
+    assert c.swapped is None and c.slot is not None and h.sched.swapped_bytes == 0
+    assert c in h.sched.running and c in batch.seqs[: batch.num_decode]
+    assert c.num_computed == computed + 1
+    h.step()
+    assert c.num_computed == computed + 2
+    assert h.sched.preemptions == 1 and h.cache.audit().ok
+
+
+def test_a_preempted_sequence_the_swap_space_cannot_hold_is_recomputed():
+    h, *_, c = preempting_c(swap_space=64)  # fewer bytes than c's blocks take
+    h.step()
+    assert h.sched.preemptions == 1 and h.sched.swaps == 0
+    assert c.swapped is None and c.num_computed == 0
+
+
+def test_aborting_a_swapped_out_request_releases_its_host_copy():
+    h, *_, c = preempting_c(swap_space="1MiB")
+    h.step()
+    assert h.sched.swapped_bytes > 0
+    h.sched.finish(c)
+    assert h.sched.swapped_bytes == 0 and c.swapped is None and c not in h.sched.waiting
 
 
 def test_sequences_that_do_not_evict_are_never_compressed():

@@ -28,6 +28,8 @@ ENGINE_OPTIONS: dict[str, str] = {
     "chunks (default: 512 on CPU, 2048 on GPUs)",
     "decode_headroom": "tokens of growth a request that does not evict reserves at admission "
     "(fewer preemptions; 0: admit whenever the first chunk fits)",
+    "swap_space": "host memory preempted requests' KVs are swapped out to, so they resume "
+    "with what they held instead of being recomputed (0: always recompute)",
     "device": "torch device, e.g. cpu or cuda",
     "dtype": "weights and activations: auto (bfloat16 on CUDA, float32 on CPU), float32, "
     "bfloat16, float16",

@@ -69,6 +69,8 @@ class EngineCollector(Collector):
             "compression_seconds", "Seconds spent in compression passes", s.compression_seconds
         )
         yield counter("preemptions", "Requests preempted for lack of KV memory", s.preemptions)
+        yield counter("swaps", "Preemptions that swapped the request out to host memory", s.swaps)
+        yield gauge("swapped_bytes", "Host bytes held by swapped-out requests", s.swapped_bytes)
         yield counter("prompt_tokens", "Prompt tokens processed", s.prompt_tokens)
         yield counter("generation_tokens", "Tokens generated", s.generation_tokens)
         prompt_tps, generation_tps = self.engine.throughput()
