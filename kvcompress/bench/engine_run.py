@@ -58,10 +58,11 @@ def run_all(
     peak_running = 0
     output_tokens = 0
     start = time.perf_counter()
-    for out in engine.run():
-        stats = engine.stats()
-        peak_running = max(peak_running, stats.running)
-        output_tokens += out.num_output_tokens if out.finished else 0
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        # Once per step: the statistics scan the block tables.
+        peak_running = max(peak_running, engine.stats().running)
+        output_tokens += sum(out.num_output_tokens for out in outputs if out.finished)
     seconds = time.perf_counter() - start
     after = engine.stats()
     return RunResult(
