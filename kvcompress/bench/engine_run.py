@@ -28,6 +28,7 @@ class RunResult(NamedTuple):
     preemptions: int
     # Under tensor parallelism, each rank's own high-water mark (they sum to the above).
     peak_blocks_per_rank: tuple[int, ...] = ()
+    swaps: int = 0  # of the preemptions, those that swapped out (the others recompute)
 
     @property
     def total_tokens_per_s(self) -> float:
@@ -75,5 +76,6 @@ def run_all(
         peak_running=peak_running,
         peak_blocks_used=after.blocks_peak,
         preemptions=after.preemptions - before.preemptions,
+        swaps=after.swaps - before.swaps,
         peak_blocks_per_rank=tuple(r.blocks_peak for r in after.ranks),
     )

@@ -36,6 +36,10 @@ class ThroughputBenchConfig:
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"
     device: str | None = None  # None: cuda if available
+    # Admission and preemption (the engine's; 0 headroom overcommits, so that sequences are
+    # preempted, and then swapped out or, with swap_space 0, recomputed).
+    decode_headroom: int = 256
+    swap_space: str = "4GiB"
     # What every rate uses besides it.
     compression: CompressionParams = field(default_factory=exact_rates)
 
@@ -64,6 +68,7 @@ def _row(rate, result: RunResult, bytes_per_block: int) -> dict:
         "prefill_s": result.prefill_seconds,
         "seconds": result.seconds,
         "preemptions": result.preemptions,
+        "swaps": result.swaps,
     }
 
 
@@ -102,6 +107,7 @@ def _transformers_baseline(engine: LLMEngine, prompts, cfg: ThroughputBenchConfi
         "prefill_s": float("nan"),
         "seconds": seconds,
         "preemptions": 0,
+        "swaps": 0,
     }
 
 
@@ -116,6 +122,8 @@ def run_throughput_bench(cfg: ThroughputBenchConfig) -> list[dict]:
             dtype=cfg.dtype,
             kv_cache_dtype=cfg.kv_cache_dtype,
             device=auto_device(cfg.device),
+            decode_headroom=cfg.decode_headroom,
+            swap_space=cfg.swap_space,
         )
     )
     try:

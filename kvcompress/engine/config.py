@@ -43,9 +43,9 @@ class EngineConfig:
     # Decode steps replay CUDA graphs captured at start (on CUDA with the Triton backend, one
     # rank); True runs every step eagerly.
     enforce_eager: bool = False
-    # A oneDNN-blocked copy of every linear weight for products of 4+ rows (batched decode,
-    # prefill): auto (on for float32 on CPU), on or off. Faster batched steps on CPU
-    # (kvcompress/models/parallel.py has the measurements), the weights' memory twice.
+    # A oneDNN-blocked copy of every linear weight, which then serves every product: auto (on
+    # for float32 on CPU), on or off. Faster steps on CPU (kvcompress/models/parallel.py has
+    # the measurements), the weights' memory twice.
     packed_weights: str = "auto"
     device: str = "cpu"
     seed: int = 0

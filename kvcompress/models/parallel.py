@@ -126,12 +126,14 @@ def shard_index(name: str, config: ModelConfig, layout: ShardLayout) -> tuple[sl
     return None
 
 
-# From this many rows (tokens) up, a float32 product on CPU runs faster on oneDNN's blocked
-# copy of the weight than in MKL's sgemm over the dense one. Measured on one core, weights
-# not in cache, [M, 576] x [576, 1536], dense / blocked: M=2 0.29 / 0.31 ms, M=4 0.43 / 0.33,
+# A float32 product on CPU runs faster on oneDNN's blocked copy of the weight than in MKL's
+# sgemm over the dense one, at every row count that matters. On one Intel core, weights not
+# in cache, [M, 576] x [576, 1536], dense / blocked: M=2 0.29 / 0.31 ms, M=4 0.43 / 0.33,
 # M=12 0.77 / 0.42, M=32 0.89 / 0.66, M=512 5.7 / 5.9; the LM head ([576, 49152]) at M=12:
-# 38.7 / 11.6 ms. Below it MKL's matrix-vector path wins (M=3: 0.21 / 0.26 ms).
-PACKED_MIN_ROWS = 4
+# 38.7 / 11.6 ms. On two AMD EPYC cores (2026-12-04), the LM head at M=1, 2, 3: 12.1 / 5.3,
+# 25.8 / 4.9, 38.2 / 5.3 ms, and [M, 576] x [576, 1536] at M=1-3: 0.21-0.44 / 0.09-0.11 ms:
+# there, a decode step of 2 sequences took 112 ms with dense weights below 4 rows and one of
+# 4 took 63 ms. So the blocked copy serves every product.
 
 
 def packing_available() -> bool:
@@ -160,14 +162,14 @@ class Linear(torch.nn.Linear):
             super().reset_parameters()
 
     def pack_weight(self) -> None:
-        """Keep a oneDNN-blocked copy of the (float32, CPU) weight beside the dense one, for
-        products of ``PACKED_MIN_ROWS`` rows or more: batched decode steps and prefill
-        chunks. Call it once the weight is final (it copies the weight's current values)."""
+        """Keep a oneDNN-blocked copy of the (float32, CPU) weight beside the dense one (the
+        state dict's), which then serves every product. Call it once the weight is final
+        (it copies the weight's current values)."""
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 16)
 
     def product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x W^T + bias`` for ``x`` of ``[rows, in_features]``."""
-        if self.packed_weight is not None and x.shape[0] >= PACKED_MIN_ROWS:
+        if self.packed_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
         return F.linear(x, self.weight, bias)
 

@@ -18,6 +18,8 @@ THROUGHPUT_KEYS = {
     "peak_concurrent_seqs",
     "peak_kv_bytes",
     "compression_s",
+    "preemptions",
+    "swaps",
     "speedup",
 }
 
@@ -102,6 +104,23 @@ def test_throughput_bench_rows_speedup_and_plot(tmp_path):
     assert rows[1]["peak_concurrent_seqs"] >= rows[0]["peak_concurrent_seqs"]
     png = plot_speedup(rows, tmp_path)
     assert png.exists() and png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("swap_space", ["0", "1GiB"], ids=["recompute", "swap"])
+def test_throughput_bench_overcommitted_admission_preempts_and_says_how(swap_space):
+    cfg = ThroughputBenchConfig(
+        num_prompts=3,
+        input_len=48,
+        output_len=24,
+        rates=(1,),
+        kv_cache_memory=str(90 * 8 * 8320),  # two prompts, not their growth
+        transformers_baseline=False,
+        decode_headroom=0,
+        swap_space=swap_space,
+    )
+    [row] = run_throughput_bench(cfg)
+    assert row["preemptions"] > 0
+    assert row["swaps"] == (row["preemptions"] if swap_space != "0" else 0)
 
 
 def test_throughput_bench_runs_in_the_dtypes_it_is_given(capsys):

@@ -39,8 +39,8 @@ ENGINE_OPTIONS: dict[str, str] = {
     "enforce_eager": "run every decode step eagerly (default on CUDA with the Triton backend: "
     "replay CUDA graphs captured at start)",
     "packed_weights": "auto (on for float32 on CPU), on, off: a oneDNN-blocked copy of "
-    "every linear weight for steps of 4+ tokens (faster batched decode on CPU, the weights' "
-    "memory twice)",
+    "every linear weight, used for every product (faster steps on CPU, the weights' memory "
+    "twice)",
     "seed": "seed of the sampler and of the random policy",
     "tensor_parallel_size": "ranks (GPUs, or CPU processes) the model is sharded over; "
     "kv_cache_memory is per rank. Under torchrun: the number of processes",

@@ -90,6 +90,13 @@ def add_bench_parser(commands) -> None:
     )
     tp.add_argument("--device", default=d.device, help=DEVICE_HELP)
     add_dtype_args(tp, d)
+    tp.add_argument(
+        "--decode-headroom",
+        type=int,
+        default=d.decode_headroom,
+        help=ENGINE_OPTIONS["decode_headroom"],
+    )
+    tp.add_argument("--swap-space", default=d.swap_space, help=ENGINE_OPTIONS["swap_space"])
     tp.add_argument("--plot-dir", default=None, help="write throughput_speedup.png here")
     tp.add_argument("--json", action="store_true", help=REPORT_HELP)
     add_compression_args(tp, "compression (at every rate)", exclude=SWEPT)
