@@ -111,9 +111,12 @@ class Scheduler:
 
     def _plan(self, decode_need: int, exhausted: list[Sequence]) -> ScheduledBatch:
         """This step's decodes (needing ``decode_need`` new blocks), chunks and admissions."""
+        free = self.cache.num_free_blocks - decode_need
+        # Swapped-out sequences at the queue's front first: back in, they decode (within
+        # the reserve taken for them) or take their next chunk below, in this very step.
+        free -= self._swap_in_front(free)
         decodes = [s for s in self.running if s.prefilled]
         tokens_left = self.config.max_num_batched_tokens - len(decodes)
-        free = self.cache.num_free_blocks - decode_need
         scheduled: dict[int, int] = {}  # id(sequence) -> its chunk this step
         chunks: list[Sequence] = []
         for seq in self.running:
@@ -130,36 +133,10 @@ class Scheduler:
             free -= sum(self._headroom(s, scheduled.get(id(s), 0)) for s in self.running)
         # Sequence slots promised to the forks of prefilling n > 1 requests.
         forks = sum(s.forks_pending for s in self.running)
-        resumed: list[Sequence] = []  # swapped back in this step, decoding
         while self.waiting and tokens_left > 0:
             seq = self.waiting[0]
-            if seq.swapped is not None:
-                # Back when what it held fits beside the others' headroom, and its own.
-                need = seq.swapped.num_blocks
-                reserve = self._headroom(seq, 0)
-                if (
-                    need + (reserve if self.running else 0) > free
-                    or len(self.running) + forks + 1 > self.config.max_num_seqs
-                    or self.cache.num_free_seq_slots - forks < 1
-                ):
-                    break
-                self.waiting.popleft()
-                self._swap_in(seq)
-                free -= need + reserve
-                # It goes on this very step: its next token (within the reserve), or its
-                # next chunk if one fits.
-                if seq.prefilled:
-                    resumed.append(seq)
-                    tokens_left -= 1
-                    continue
-                want = min(self.chunk_size, seq.num_uncomputed, tokens_left)
-                n, need = self.fit_chunk(seq, want, free)
-                if n:
-                    chunks.append(seq)
-                    scheduled[id(seq)] = n
-                    tokens_left -= n
-                    free -= need
-                continue
+            if seq.swapped is not None:  # waits until it fits (_swap_in_front)
+                break
             n = min(self.chunk_size, seq.num_uncomputed, tokens_left)
             whole = bool(seq.branches)
             if whole:
@@ -204,11 +181,34 @@ class Scheduler:
             scheduled[id(seq)] = n
             tokens_left -= n
             free -= need + reserve
-        decodes += resumed
         seqs = decodes + chunks
         num_tokens = [1] * len(decodes) + [scheduled[id(s)] for s in chunks]
         sample = [i for i, s in enumerate(seqs) if num_tokens[i] == s.num_uncomputed]
         return ScheduledBatch(seqs, num_tokens, len(decodes), sample, exhausted)
+
+    def _swap_in_front(self, free: int) -> int:
+        """Swap back in the sequences at the front of the queue that were swapped out, while
+        what each held fits ``free`` beside what the running ones may still claim, and its
+        own next claim; returns the blocks they took with those reserves."""
+        taken = 0
+        claims = sum(self._headroom(s, 0) for s in self.running)
+        while self.waiting and self.waiting[0].swapped is not None:
+            seq = self.waiting[0]
+            assert seq.swapped is not None
+            reserve = self._headroom(seq, 0)
+            need = seq.swapped.num_blocks + (reserve if self.running else 0)
+            forks = sum(s.forks_pending for s in self.running)
+            if (
+                need + claims > free - taken
+                or len(self.running) + forks + 1 > self.config.max_num_seqs
+                or self.cache.num_free_seq_slots - forks < 1
+            ):
+                break
+            self.waiting.popleft()
+            self._swap_in(seq)
+            taken += need
+            claims += reserve
+        return taken
 
     def fit_chunk(self, seq: Sequence, n: int, free: int) -> tuple[int, int]:
         """The largest chunk of at most ``n`` tokens whose blocks fit ``free``, with them."""
