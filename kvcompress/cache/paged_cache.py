@@ -382,6 +382,14 @@ class PagedKVCache:
         k = quantize(k, self.k_scale[layer]).view(torch.uint8)
         return k, quantize(v, self.v_scale[layer]).view(torch.uint8)
 
+    def reset_scales(self) -> None:
+        """Let the next write of each layer fix its fp8 scales again (in place: whatever
+        reads the scale tensors, a captured CUDA graph too, sees the new values). For writes
+        that were not a real sequence's, such as a graph capture's warm-up."""
+        self.k_scale.fill_(1.0)
+        self.v_scale.fill_(1.0)
+        self._scaled_layers = [False] * self.num_layers
+
     def dequantize(self, layer: int, pool_rows: torch.Tensor, which: str, dtype: torch.dtype):
         """Gathered pool rows ``[..., H, W, D]`` of one layer in ``dtype`` (fp8: scaled by the
         layer's ``k_scale`` / ``v_scale``, ``which`` = "k" or "v"; others: cast only)."""

@@ -95,6 +95,9 @@ class DecodeGraphs:
         for size in reversed(self.buckets):
             for collects in (False, True):
                 self._steps[size, collects] = self._capture(size, collects)
+        # The warm-up wrote K and V of no real sequence: an fp8 cache takes its scales from
+        # the first prefill instead.
+        self.cache.reset_scales()
         logger.info(
             "captured %d decode graphs (batch sizes %s) in %.1f s",
             len(self._steps),
