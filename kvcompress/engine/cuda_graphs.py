@@ -43,7 +43,9 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
 class _Step(NamedTuple):
     graph: torch.cuda.CUDAGraph | None  # None: replayed by calling ``forward`` (CPU tests)
     forward: Callable[[], torch.Tensor]
-    logits: torch.Tensor  # [bucket, vocab]: the graph's output buffer
+    # [bucket, hidden]: the graph's output buffer. The LM head runs outside the graph, on
+    # the batch's own rows: logits buffers of every bucket would hold bucket x vocab floats.
+    hidden: torch.Tensor
 
 
 class DecodeGraphs:
@@ -119,7 +121,7 @@ class DecodeGraphs:
         ids, positions, model = self.input_ids[:size], self.positions[:size], self.model
 
         def forward() -> torch.Tensor:
-            return model.compute_logits(model(ids, positions, meta))
+            return model(ids, positions, meta)
 
         if not self.use_graphs:
             return _Step(None, forward, forward())
@@ -131,8 +133,8 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = forward()
-        return _Step(graph, forward, logits)
+            hidden = forward()
+        return _Step(graph, forward, hidden)
 
     def run(
         self,
@@ -158,9 +160,9 @@ class DecodeGraphs:
         self.collection_buffer[:size] = per_seq[3, src]
         step = self._steps[size, collects]
         if step.graph is None:
-            logits = step.forward()
+            hidden = step.forward()
         else:
             step.graph.replay()
-            logits = step.logits
-        # A copy: the next replay overwrites the graph's output buffer.
-        return logits[:B].clone()
+            hidden = step.hidden
+        # A new tensor: the next replay overwrites the graph's output buffer.
+        return self.model.compute_logits(hidden[:B])
