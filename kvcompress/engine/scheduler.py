@@ -192,12 +192,13 @@ class Scheduler:
         own next claim; returns the blocks they took with those reserves."""
         taken = 0
         claims = sum(self._headroom(s, 0) for s in self.running)
+        # Slots promised to forks; a swapped-out sequence has none pending (_may_swap).
+        forks = sum(s.forks_pending for s in self.running)
         while self.waiting and self.waiting[0].swapped is not None:
             seq = self.waiting[0]
             assert seq.swapped is not None
             reserve = self._headroom(seq, 0)
             need = seq.swapped.num_blocks + (reserve if self.running else 0)
-            forks = sum(s.forks_pending for s in self.running)
             if (
                 need + claims > free - taken
                 or len(self.running) + forks + 1 > self.config.max_num_seqs
@@ -288,7 +289,8 @@ class Scheduler:
         self.preemptions += 1
         self.waiting.appendleft(seq)
         if self._may_swap(seq):
-            if self.kept_queries is not None:
+            # The queries it kept for its scorer go with it (none for the others).
+            if self.kept_queries is not None and (seq.keeps_last_query or seq.keeps_window_queries):
                 seq.swapped_queries = self.kept_queries.rows(seq.slot)
             seq.swapped = swap_out(self.cache, seq.slot)
             seq.slot = None
