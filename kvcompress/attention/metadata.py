@@ -97,35 +97,17 @@ class ChunkMetadata:
 
 @dataclass
 class QueryCapture:
-    """Queries the backend keeps for the compressor: the post-RoPE query of some of the
-    step's tokens (each the newest of a sequence whose scorer reads it), per layer."""
+    """Queries the backend keeps for the engine's scorers: the post-RoPE query of some of
+    the step's tokens, per layer (the newest token of a sequence whose scorer reads it, or
+    the rows of a prefill chunk's observation window)."""
 
     rows: torch.Tensor  # [R] flat token indices of the step
-    slots: torch.Tensor  # [R] rows of ``store`` they go to (the sequences' cache slots)
-    store: torch.Tensor  # [max_seqs, L, Hq, D]
+    slots: torch.Tensor  # [R] rows of ``store`` they go to
+    store: torch.Tensor  # [rows, L, Hq, D]
 
     def keep(self, layer: int, q: torch.Tensor) -> None:
         """One indexed copy per layer, of the captured rows only."""
         self.store[self.slots, layer] = q[self.rows].to(self.store.dtype)
-
-
-@dataclass
-class WindowCapture:
-    """The mean query of some of the step's windows (the last ``w`` tokens of a prefill chunk
-    of a sequence whose scorer reads it, ``expected-attention``), post-RoPE, per layer and
-    query head."""
-
-    rows: torch.Tensor  # [R] flat token indices of the step, window by window
-    windows: torch.Tensor  # [R] which window each row belongs to
-    sizes: torch.Tensor  # [W, 1, 1] float: rows per window
-    slots: torch.Tensor  # [W] rows of ``mean`` they go to (the sequences' cache slots)
-    mean: torch.Tensor  # [max_seqs, L, Hq, D]
-
-    def keep(self, layer: int, q: torch.Tensor) -> None:
-        """One segment sum per layer, over the captured rows only."""
-        x = q[self.rows].float()  # [R, Hq, D]
-        total = x.new_zeros((self.slots.shape[0], *x.shape[1:])).index_add_(0, self.windows, x)
-        self.mean[self.slots, layer] = total / self.sizes
 
 
 @dataclass
@@ -141,8 +123,9 @@ class AttentionMetadata:
     decode: DecodeMetadata | None  # None when the step has no decode rows
     chunks: list[ChunkMetadata]  # the prefill chunks, in flat order
     capture: QueryCapture | None = None  # None: no sequence of the step needs its query
-    # None: no sequence of the step needs its window's mean query.
-    window_capture: WindowCapture | None = None
+    # The queries of some prefill chunks' observation windows (None: no sequence of the step
+    # needs them), which the engine turns into statistics after the step.
+    window_capture: QueryCapture | None = None
 
     @property
     def fresh_only(self) -> bool:
@@ -211,7 +194,7 @@ def build_metadata(
     metric_power: torch.Tensor | None = None,
     collection_buffer: torch.Tensor | None = None,
     capture: QueryCapture | None = None,
-    window_capture: WindowCapture | None = None,
+    window_capture: QueryCapture | None = None,
 ) -> AttentionMetadata:
     """The metadata of one step, after ``append`` (the step's :meth:`prepare_append`).
 

@@ -11,8 +11,9 @@ step's attention probabilities are added to the metric of every KV they attended
 How a sequence collects (observation window, pooling kernel, collection buffer) comes with it
 in the step's metadata, so one batch may mix requests with different settings. A sequence
 whose scorer reads its newest query (``last-query``) has it kept by ``forward``
-(``AttentionMetadata.capture``), one that reads its window's mean query
-(``expected-attention``) has it kept (``window_capture``); the others cost nothing for it.
+(``AttentionMetadata.capture``), one that reads statistics of its window's queries
+(``expected-attention``) has that window's queries kept (``window_capture``); the others cost
+nothing for it.
 """
 
 from __future__ import annotations

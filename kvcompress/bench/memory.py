@@ -7,7 +7,7 @@ each rate, and reports KVs seen, kept and physically held.
 The time is one ``Compressor.compress`` call: scoring (the request's scorer, ``window`` by
 default: the stored metric; ``--scorer`` picks another), planning and compaction. The
 ``last-query`` scorer reads each sequence's newest query and ``expected-attention`` its
-window's mean query, which the bench draws at random (``num_q_heads`` query heads per
+expected query to come, which the bench draws at random (``num_q_heads`` query heads per
 layer, as the engine would hand them).
 """
 

@@ -150,8 +150,8 @@ class CompressionParams:
         default="window",
         metadata=_doc(
             "how KVs are scored for the planner (window: the accumulated attention metric; "
-            "key-norm: reads no query; expected-attention: the mean query of the prompt's "
-            "last window, pair it with policy uniform; both for a context compressed "
+            "key-norm: reads no query; expected-attention: the expected attention of the "
+            "queries to come, from the prompt's last window; both for a context compressed "
             "before its question; last-query: the newest token's attention, TOVA; "
             "streaming and random keep their own)",
             tuple(SCORERS),

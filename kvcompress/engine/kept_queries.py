@@ -1,8 +1,8 @@
 """What the engine keeps of the queries for the scorers that read them, per sequence slot.
 
 Two stores, each allocated on first use: the newest token's query (``last-query``,
-:mod:`~kvcompress.engine.last_queries`) and the latest observation window's mean
-query (``expected-attention``, :mod:`~kvcompress.engine.window_queries`).
+:mod:`~kvcompress.engine.last_queries`) and the expected query to come, from the latest
+observation window (``expected-attention``, :mod:`~kvcompress.engine.window_queries`).
 """
 
 from __future__ import annotations

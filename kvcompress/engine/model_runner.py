@@ -43,7 +43,9 @@ class ModelRunner:
         # The query heads this model computes: a tensor-parallel shard's own.
         heads = len(model.shard.layout.q_heads)
         shape = (cache.config.max_seqs, mc.num_layers, heads, mc.head_dim)
-        self.kept_queries = KeptQueries(LastQueries(*shape, device), WindowQueries(*shape, device))
+        self.kept_queries = KeptQueries(
+            LastQueries(*shape, device), WindowQueries(*shape, device, model.rotary)
+        )
         # Captured decode steps (CUDA graphs), set by the engine when it uses them.
         self.graphs: DecodeGraphs | None = None
 
@@ -109,6 +111,7 @@ class ModelRunner:
                 for i in window
             ],
             [slots[i] for i in window],
+            plan.positions,
         )
         meta = build_metadata(
             self.cache,
@@ -125,6 +128,7 @@ class ModelRunner:
             window_capture=window_capture,
         )
         hidden = self.model(input_ids, plan.positions, meta)
+        self.kept_queries.windows.finish()
         scored = self._score_prompts(seqs, num_tokens, computed, hidden, prompt_logprobs or {})
         if len(sample) != len(seqs) or num_decode != len(seqs):
             hidden = hidden[torch.tensor([ends[i] for i in sample], dtype=torch.long, device=dev)]

@@ -219,7 +219,7 @@ class Sequence:
 
     @property
     def keeps_window_queries(self) -> bool:
-        """Whether the backend must keep the mean query of this sequence's prefill window:
+        """Whether the backend must keep the queries of this sequence's prefill window:
         its scorer reads it (``expected-attention``) and a later compression will score; a
         branched prefill keeps it for its branches that read it."""
         return self._keeps("query_mean")

@@ -185,6 +185,12 @@ class LlamaForCausalLM(nn.Module):
         self.tie_weights()
         self.set_attention_backend(backend)
 
+    @property
+    def rotary(self) -> RotaryEmbedding:
+        """The model's rotary embedding (its frequencies), for what the engine computes
+        about positions outside a forward pass."""
+        return self.model.rotary
+
     def tie_weights(self) -> None:
         """Share the embedding matrix with the LM head when the config says so.
 

@@ -320,6 +320,33 @@ def test_expected_attention_uses_given_query_statistics():
             assert 11 in keys_of(cache, slot, layer, head)
 
 
+def test_expected_attention_shares_the_global_budget_by_standing_not_by_sharpness():
+    """A mean query of a larger norm concentrates its head's expected attention on fewer KVs;
+    as probabilities that head's tail would then lose the global selection to flatter heads.
+    Standardised log-attention ranks a head's KVs by how they stand out within it, so how
+    sharp each head is decides nothing: the same KVs are kept."""
+    params = CompressionParams(
+        max_cache_tokens=12, protected_window=0, scorer="expected-attention", pool_kernel=1
+    )
+    mean = torch.randn(1, LAYERS, HEADS, DIM, generator=torch.Generator().manual_seed(4))
+    mean[0, 1, 0] = 0  # a head that prefers no KV: none stands out, the others take its share
+    sharper = mean * torch.tensor([1.0, 8.0]).view(1, 1, HEADS, 1)
+    kept = []
+    for query in (mean, sharper):
+        cache, slot = make_cache(40, seed=7)
+        Compressor(cache).compress([slot], [params], ScorerInputs(query_mean=query))
+        kept.append(
+            {
+                (lay, h): sorted(keys_of(cache, slot, lay, h))
+                for lay in range(LAYERS)
+                for h in range(HEADS)
+            }
+        )
+    assert kept[0] == kept[1]
+    # Still a global selection: the heads keep different numbers of KVs.
+    assert len({len(positions) for positions in kept[0].values()}) > 1
+
+
 def test_the_key_scorers_read_an_fp8_caches_keys_scaled_back():
     """fp8 pools store keys divided by a per-(layer, head) scale: the scorers must see the
     keys themselves (last-query's softmax temperature depends on their scale)."""

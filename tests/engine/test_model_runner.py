@@ -13,6 +13,7 @@ from kvcompress.engine.model_runner import ModelRunner
 from kvcompress.engine.sampling import SamplingParams
 from kvcompress.engine.sequence import Sequence
 from kvcompress.models import LlamaForCausalLM, ModelConfig
+from tests.engine.test_window_queries import expected_query
 from tests.models.test_parity import BUILDERS, _random_hf
 
 
@@ -236,10 +237,10 @@ def test_the_newest_query_is_kept_per_layer_for_last_query_sequences_only() -> N
         torch.testing.assert_close(kept[0, layer], queries[layer][1])
 
 
-def test_the_window_mean_query_is_kept_for_expected_attention_chunks_only() -> None:
-    """The kept mean query of an expected-attention sequence is that of its chunk's last
-    ``window_size`` tokens, per layer and query head (a chunk shorter than the window: all
-    its tokens); decode steps leave it alone."""
+def test_the_expected_query_is_kept_for_expected_attention_chunks_only() -> None:
+    """The kept query of an expected-attention sequence comes from its chunk's last
+    ``window_size`` tokens at their positions, per layer and query head (a chunk shorter than
+    the window: all its tokens); decode steps leave it alone."""
     hf = _random_hf("llama-gqa-llama3-bias")
     runner, cache = tiny_runner(hf)
     queries = record_queries(runner)
@@ -260,9 +261,11 @@ def test_the_window_mean_query_is_kept_for_expected_attention_chunks_only() -> N
     prefill(runner, seqs)
     mean = runner.kept_queries.windows.get([s.slot for s in seqs])
     assert mean.shape == (3, layers, hf.config.num_attention_heads, hf.config.head_dim)
-    for row, window in [(1, range(9, 12)), (2, range(12, 18))]:
-        for layer in range(layers):
-            torch.testing.assert_close(mean[row, layer], queries[layer][list(window)].mean(0))
+    # Rows 5-11 of the step are s1's tokens at positions 0-6, rows 12-17 s2's at 0-5.
+    for row, window, positions in [(1, range(9, 12), [4, 5, 6]), (2, range(12, 18), range(6))]:
+        recorded = torch.stack([queries[layer][list(window)] for layer in range(layers)], 1)
+        want = expected_query(recorded, list(positions), runner.model.rotary)
+        torch.testing.assert_close(mean[row], want, atol=1e-5, rtol=1e-4)
     assert bool((mean[0] == 0).all())
     for seq in seqs:
         seq.append_token(3)

@@ -23,6 +23,7 @@ from kvcompress.engine.sampling import SamplingParams
 from kvcompress.engine.scheduler import ScheduledBatch, Scheduler
 from kvcompress.engine.sequence import Sequence, SequenceStatus
 from kvcompress.engine.window_queries import WindowQueries
+from kvcompress.models.rope import RotaryEmbedding
 
 LAYERS, HEADS, BS = 1, 2, 2  # 2 (layer, head) rows per sequence
 
@@ -338,6 +339,10 @@ def record_compressions(h: Harness, monkeypatch) -> list[tuple[list[int], object
     return given
 
 
+def window_queries(shape: tuple[int, int, int, int]) -> WindowQueries:
+    return WindowQueries(*shape, torch.device("cpu"), RotaryEmbedding(shape[-1], 10_000.0, None))
+
+
 def test_last_query_sequences_get_their_kept_queries_and_forks_start_from_the_parents(
     monkeypatch,
 ):
@@ -346,7 +351,7 @@ def test_last_query_sequences_get_their_kept_queries_and_forks_start_from_the_pa
     store = LastQueries(*shape, torch.device("cpu"))
     store.capture([0], [0])  # allocates the rows; fill each with something of its own
     store.store[:] = torch.randn(store.shape, generator=torch.Generator().manual_seed(0))
-    h.sched.kept_queries = KeptQueries(store, WindowQueries(*shape, torch.device("cpu")))
+    h.sched.kept_queries = KeptQueries(store, window_queries(shape))
     given = record_compressions(h, monkeypatch)
     params = CompressionParams(scorer="last-query", compression_rate=2, min_cache_tokens=0)
     seq = Sequence("p", list(range(12)), SamplingParams(n=2, temperature=1.0), params)
@@ -361,12 +366,11 @@ def test_last_query_sequences_get_their_kept_queries_and_forks_start_from_the_pa
     assert torch.equal(store.get([child.slot]), store.get([seq.slot]))
 
 
-def test_expected_attention_sequences_get_their_window_mean_and_forks_copy_it(monkeypatch):
+def test_expected_attention_sequences_get_their_expected_query_and_forks_copy_it(monkeypatch):
     h = Harness(blocks=64)
     shape = (8, LAYERS, 2 * HEADS, 2)
-    windows = WindowQueries(*shape, torch.device("cpu"))
-    windows.capture([range(1)], [0])  # allocates the rows; fill each with its own values
-    windows.store[:] = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    windows = window_queries(shape)
+    windows.allocated()[:] = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     h.sched.kept_queries = KeptQueries(LastQueries(*shape, torch.device("cpu")), windows)
     given = record_compressions(h, monkeypatch)
     params = CompressionParams(scorer="expected-attention", compression_rate=2, min_cache_tokens=0)

@@ -10,18 +10,19 @@ name                   score                                                    
 ``position``           token position (recency)                                    yes
 ``random``             uniform random (a control)                                  yes
 ``key-norm``           ``-||k||`` standardised per head: large norms go first       yes
-``expected-attention`` attention of the prompt's last window's mean query, pooled yes
+``expected-attention`` expected attention of the queries to come, pooled, log,     yes
+                       standardised per head
 ``last-query``         attention of the newest token's query (TOVA), pooled        no
 =====================  =========================================================  ==========
 
 The global selection of the ``kvcompress`` policy compares scores across heads, so each
-scorer's should be on one scale there: attention probabilities (max-pooled along positions
-with the request's ``pool_kernel``, as the window metric is), or per-head standardised key
-norms. ``expected-attention``'s are not, as measured (``docs/quality.md``): pair it with
-``uniform``.
+scorer's should be on one scale there: attention probabilities of real queries (max-pooled
+along positions with the request's ``pool_kernel``, as the window metric is), or scores
+standardised per head (key norms; the log of one expected query's attention, which as
+probabilities lost the pass key under the global selection: ``docs/quality.md``).
 
 "query-free" scorers never attend with the prompt's queries (``expected-attention`` reads only
-the mean of the context's last ones), so they suit compressing a context
+statistics of the context's last ones), so they suit compressing a context
 before its question is fed (``LLMEngine.add_request(..., suffix=question)``).
 """
 

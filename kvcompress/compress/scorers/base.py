@@ -31,9 +31,9 @@ class ScorerInputs(NamedTuple):
       the current length, exact for the compression right after a prefill.
     - ``last_queries [S, L, Hq, D]``: post-RoPE query of each sequence's newest token, for
       the ``last-query`` scorer.
-    - ``query_mean``, ``query_var [S, L, Hq, D]``: mean and variance of recent post-RoPE
-      queries, for ``expected-attention`` (the engine gives the mean of each sequence's
-      latest prefill window, and no variance).
+    - ``query_mean``, ``query_var [S, L, Hq, D]``: mean and variance of the queries to come,
+      post-RoPE, for ``expected-attention`` (the engine gives the mean of each sequence's
+      latest prefill window, carried to the positions after it, and no variance).
     """
 
     prefill_lens: torch.Tensor | None = None
@@ -89,7 +89,8 @@ class Scorer(Protocol):
     # arrives (``suffix`` / ``--compress-context-only``).
     query_agnostic: bool
     # Scores sum over each KV head's GQA group of query heads: a tensor-parallel replica of
-    # the KV head holds only some of them, and the replicas' scores must be added up.
+    # the KV head holds only some of them, and the compressor adds the replicas' scores up
+    # (a scorer whose scores are not such a sum merges them itself, ``ctx.exchange``).
     per_query_head: bool
 
     def scores(self, ctx: ScoreContext) -> torch.Tensor:
