@@ -29,8 +29,8 @@ import torch
 
 from kvcompress.compress.scorers.attention import Pooling, group_attention
 from kvcompress.compress.scorers.base import ScoreContext
-from kvcompress.compress.scorers.key_norm import standardize_per_head
 from kvcompress.compress.scorers.keys import gather_keys, query_rows
+from kvcompress.compress.scorers.standardize import standardize_per_head
 
 
 def expected_attention(

@@ -21,17 +21,7 @@ import torch
 
 from kvcompress.compress.scorers.base import ScoreContext
 from kvcompress.compress.scorers.keys import gather_keys
-
-
-def standardize_per_head(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``[S, LH, W]``: each head's scores minus their mean over its held KVs, over their
-    standard deviation (a head whose scores are all equal gets 0s; padding is left as is)."""
-    weight = valid.float()
-    count = weight.sum(dim=-1, keepdim=True).clamp(min=1)
-    mean = (scores * weight).sum(dim=-1, keepdim=True) / count
-    centred = scores - mean
-    std = ((centred * centred * weight).sum(dim=-1, keepdim=True) / count).sqrt()
-    return centred / std.clamp(min=torch.finfo(torch.float32).tiny)
+from kvcompress.compress.scorers.standardize import standardize_per_head
 
 
 def held_key_norms(ctx: ScoreContext) -> torch.Tensor:
