@@ -35,6 +35,11 @@ class SwappedSeq(NamedTuple):
     def num_blocks(self) -> int:
         return self.k.shape[0]
 
+    def blocks_for_one_token(self, block_size: int) -> int:
+        """Blocks one more token takes once swapped back in: one for each row whose last
+        block is full (the rows come back in blocks of their own, shared with nobody)."""
+        return int((self.context_lens % block_size == 0).sum())
+
     @property
     def nbytes(self) -> int:
         """Host bytes held (the KVs and their per-slot metric and position)."""

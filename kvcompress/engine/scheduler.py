@@ -188,8 +188,11 @@ class Scheduler:
 
     def _swap_in_front(self, free: int) -> int:
         """Swap back in the sequences at the front of the queue that were swapped out, while
-        what each held fits ``free`` beside what the running ones may still claim, and its
-        own next claim; returns the blocks they took with those reserves."""
+        what each held and its token this step fit ``free`` beside what the running ones
+        may still claim, and its own next claim; returns the blocks they took this step.
+
+        Their next claims are not taken here: from now on they are running sequences, whose
+        headroom ``_plan`` sets against admissions, theirs once with the others'."""
         taken = 0
         claims = sum(self._headroom(s, 0) for s in self.running)
         # Slots promised to forks; a swapped-out sequence has none pending (_may_swap).
@@ -198,9 +201,12 @@ class Scheduler:
             seq = self.waiting[0]
             assert seq.swapped is not None
             reserve = self._headroom(seq, 0)
-            need = seq.swapped.num_blocks + (reserve if self.running else 0)
+            # A prefilled sequence decodes in this very step; one preempted mid-prompt takes
+            # its next chunk through fit_chunk instead.
+            step = seq.swapped.blocks_for_one_token(self.cache.block_size) if seq.prefilled else 0
+            need = seq.swapped.num_blocks + step
             if (
-                need + claims > free - taken
+                need + (reserve if self.running else 0) + claims > free - taken
                 or len(self.running) + forks + 1 > self.config.max_num_seqs
                 or self.cache.num_free_seq_slots - forks < 1
             ):

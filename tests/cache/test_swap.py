@@ -104,6 +104,25 @@ def test_a_swapped_fork_leaves_its_parent_intact_and_returns_with_private_blocks
     assert cache.audit().ok
 
 
+@pytest.mark.parametrize(
+    ("n", "compress", "expected"),
+    [(28, False, LAYERS * HEADS), (30, False, 0), (30, True, None)],
+    ids=["full-last-blocks", "partial-last-blocks", "compressed"],
+)
+def test_a_swapped_sequence_knows_what_its_next_token_takes_back_in(n, compress, expected):
+    """Counted on the host, it is what an append to the swapped-in rows allocates (a fork's
+    rows come back private: no copy of a shared tail either)."""
+    cache = make_cache()
+    parent = filled(cache, n, seed=5, compress=compress)
+    child = cache.fork_seq(parent)
+    swapped = swap_out(cache, child)
+    counted = swapped.blocks_for_one_token(BS)
+    new = swap_in(cache, swapped)
+    assert counted == cache.blocks_needed(torch.tensor([new]), torch.tensor([1]))
+    if expected is not None:
+        assert counted == expected
+
+
 def test_a_swap_in_the_pool_cannot_hold_changes_nothing() -> None:
     cache = make_cache(blocks=60)
     slot = filled(cache, 30, seed=4)

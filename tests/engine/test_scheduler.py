@@ -262,6 +262,32 @@ def test_a_swapped_out_sequence_comes_back_once_its_blocks_fit_and_decodes_on():
     assert h.sched.preemptions == 1 and h.cache.audit().ok
 
 
+def admitted_beside(blocks: int, swapped: bool) -> bool:
+    """Whether d, waiting behind c, is admitted in the step c decodes again after being
+    swapped out (``swapped``), or in the same step had c never left."""
+    h = Harness(blocks=blocks, decode_headroom=6, swap_space="1MiB", max_num_batched_tokens=8)
+    h.add("a", 4)
+    c = h.add("c", 4)
+    h.step()
+    h.step()
+    if swapped:
+        h.sched._preempt(c)
+        assert c.swapped is not None
+    d = h.add("d", 4)
+    batch = h.step()
+    assert c in batch.seqs[: batch.num_decode]
+    return d in batch.seqs
+
+
+def test_a_request_behind_a_returning_sequence_is_admitted_as_if_it_had_never_left():
+    """Swapped back in, a sequence's next claim counts once against admissions, like any
+    running sequence's: d is admitted at exactly the pool sizes it would be had c stayed."""
+    sizes = range(28, 60)  # from the smallest pool where c can come back beside a
+    stayed = [admitted_beside(n, swapped=False) for n in sizes]
+    assert any(stayed) and not all(stayed)  # the sizes cross the admission threshold
+    assert [admitted_beside(n, swapped=True) for n in sizes] == stayed
+
+
 def test_a_preempted_sequence_the_swap_space_cannot_hold_is_recomputed():
     h, *_, c = preempting_c(swap_space=64)  # fewer bytes than c's blocks take
     h.step()
