@@ -103,7 +103,9 @@ class QueryCapture:
 
     rows: torch.Tensor  # [R] flat token indices of the step
     slots: torch.Tensor  # [R] rows of ``store`` they go to
-    store: torch.Tensor  # [rows, L, Hq, D]
+    # [rows, L, Hq, D]: one row per cache sequence slot (the newest queries) or per
+    # captured token (a step's window buffer)
+    store: torch.Tensor
 
     def keep(self, layer: int, q: torch.Tensor) -> None:
         """One indexed copy per layer, of the captured rows only."""
