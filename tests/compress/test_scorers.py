@@ -415,3 +415,26 @@ def test_key_norm_scores_the_same_whether_the_pool_is_read_in_place_or_gathered(
         params = [CompressionParams(max_cache_tokens=8, protected_window=0, scorer="key-norm")]
         scores.append(Compressor(cache).scores(seq, cache.head_view(seq), params))
     torch.testing.assert_close(scores[0], scores[1])
+
+
+def test_a_reused_key_buffer_scores_each_pass_as_a_fresh_one():
+    """The key scorers gather into the compressor's reused buffer: a pass after a larger one
+    (a stale, longer buffer) scores exactly as a compressor that never ran before."""
+    cache, long_slot = make_cache(37, seed=4)
+    short_slot = cache.allocate_seq()
+    plan = cache.prepare_append(torch.tensor([short_slot]), torch.tensor([9]))
+    gen = torch.Generator().manual_seed(5)
+    for layer in range(LAYERS):
+        k = torch.randn(9, HEADS, DIM, generator=gen)
+        cache.write(layer, plan.slots[layer], k, k)
+    q = torch.randn(1, LAYERS, HEADS, DIM, generator=gen)
+    params = [CompressionParams(max_cache_tokens=4, protected_window=0, scorer="last-query")]
+    inputs = ScorerInputs(last_queries=q)
+
+    def scores(comp: Compressor, slot: int) -> torch.Tensor:
+        seq = torch.tensor([slot])
+        return comp.scores(seq, cache.head_view(seq), params, inputs).clone()
+
+    reused = Compressor(cache)
+    scores(reused, long_slot)
+    torch.testing.assert_close(scores(reused, short_slot), scores(Compressor(cache), short_slot))
