@@ -12,11 +12,10 @@ def gather_keys(ctx: ScoreContext) -> torch.Tensor:
     """``[S, LH, width, head_dim]`` float32 keys (post-RoPE, as stored; an fp8 cache's
     scaled back by each (layer, head)'s scale, the rows' order)."""
     cache, view = ctx.cache, ctx.view
-    rows = view.blocks.numel() * cache.block_size
-    # Into a reused buffer: a fresh one of this size page-faults on every pass, which cost
-    # more than the copy itself.
-    out = ctx.workspace.get("keys", (rows, cache.head_dim), cache.k_pool.dtype)
-    keys = view.gather(cache.k_pool, out=out)
+    # Into a reused buffer, as the metric and positions are: a fresh one of this size
+    # page-faults on every pass, which cost more than the copy itself.
+    shape = (view.blocks.numel(), *cache.k_pool.shape[1:])
+    keys = view.gather(cache.k_pool, ctx.workspace.get("keys", shape, cache.k_pool.dtype))
     if cache.quantized:
         return dequantize(keys, cache.k_scale.view(-1), torch.float32)
     return keys.float()
