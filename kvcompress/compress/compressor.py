@@ -25,6 +25,7 @@ from kvcompress.compress.planner import (
     chunk_scores,
     plan_from_chunks,
     select_global,
+    select_global_with_layer_floor,
     select_per_head,
     sort_scores,
 )
@@ -179,8 +180,13 @@ class Compressor:
         allocation = params[0].policy_spec.allocation
         if allocation == "global":
             held = torch.div(lens + cache.block_size - 1, cache.block_size, rounding_mode="floor")
-            to_free = (held.sum(dim=1) - allowed).clamp(min=0)
-            freed = select_global(chunks, to_free)
+            if any(p.layer_floor > 0 for p in params):
+                floor = self._col(params, "layer_floor", dev, torch.float64)
+                freed = select_global_with_layer_floor(
+                    chunks, held, allowed, cache.num_layers, floor
+                )
+            else:
+                freed = select_global(chunks, (held.sum(dim=1) - allowed).clamp(min=0))
         else:
             if allocation == "pyramid":
                 kv_heads = LH // cache.num_layers

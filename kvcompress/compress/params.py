@@ -121,6 +121,16 @@ class CompressionParams:
         default=32, metadata=_doc("the most recent tokens, never evicted")
     )
     sinks: int = field(default=0, metadata=_doc("the first tokens, never evicted"))
+    # 0 keeps the paper's selection: a floor trades natural-text fidelity for multi-key
+    # retrieval at high rates (docs/quality.md, "A layer floor").
+    layer_floor: float = field(
+        default=0.0,
+        metadata=_doc(
+            "kvcompress: the share (0..1) of the sequence's budget that every layer keeps "
+            "in equal parts, its heads competing for it, before the global selection spends "
+            "the rest (0: one global selection, the paper's; 1: a budget per layer)"
+        ),
+    )
     metric: str = field(default="l2-sum", metadata=_doc("eviction metric", METRICS))
     # How the metric is collected; None: the engine's MetricConfig (metric_settings).
     window_size: int | None = field(
@@ -194,6 +204,14 @@ class CompressionParams:
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise bad(name, f"{name} must be an integer >= 0, got {value!r}")
+        if not (
+            isinstance(self.layer_floor, int | float)
+            and not isinstance(self.layer_floor, bool)
+            and 0 <= self.layer_floor <= 1
+        ):
+            raise bad(
+                "layer_floor", f"layer_floor must be a number from 0 to 1, got {self.layer_floor!r}"
+            )
         if self.metric not in METRICS:
             raise bad("metric", f"unknown metric {self.metric!r}; choose from {', '.join(METRICS)}")
         for name in METRIC_SETTINGS:

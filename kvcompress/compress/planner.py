@@ -47,6 +47,43 @@ def select_global(chunks: torch.Tensor, blocks_to_free: torch.Tensor) -> torch.T
     return chosen.view(S, max_blocks, LH).sum(dim=1)
 
 
+def select_global_with_layer_floor(
+    chunks: torch.Tensor,
+    held: torch.Tensor,
+    allowed: torch.Tensor,
+    num_layers: int,
+    layer_floor: torch.Tensor,
+) -> torch.Tensor:
+    """Chunks freed per head ``[S, LH]`` (rows layer-major) when each layer first keeps its
+    best blocks up to ``layer_floor`` (``[S]``, 0..1) of an even share of the sequence's
+    evictable allowance, its heads competing for them, and the global selection then frees
+    the sequence's lowest chunks among the rest.
+
+    ``held`` ``[S, LH]`` are the blocks each head holds, ``allowed`` ``[S]`` the blocks the
+    sequence may keep. Blocks that may not be evicted (protected, sinks) count against their
+    own layer first. A floor of 0 is :func:`select_global`; 1 gives every layer the same
+    budget (heads compete within a layer, as in Ada-KV).
+    """
+    S, LH, max_blocks = chunks.shape
+    heads = LH // num_layers
+
+    def per_layer(t: torch.Tensor) -> torch.Tensor:
+        return t.view(S, num_layers, heads).sum(dim=2)
+
+    fixed = held - torch.isfinite(chunks).sum(dim=-1)
+    spare = (allowed - fixed.sum(dim=1)).clamp(min=0)
+    share = torch.floor(spare.double() * layer_floor.double() / num_layers).long()
+    keep = per_layer(fixed) + share.unsqueeze(1)  # [S, L] blocks each layer keeps at least
+    free_in_layer = (per_layer(held) - keep).clamp(min=0)
+    below_floor = select_global(
+        chunks.view(S * num_layers, heads, max_blocks), free_in_layer.view(-1)
+    ).view(S, LH)
+    # Each head's chunks past those its layer would free are the floor: never freed here.
+    j = torch.arange(max_blocks, device=chunks.device)
+    candidates = chunks.masked_fill(j >= below_floor.unsqueeze(-1), float("inf"))
+    return select_global(candidates, (held.sum(dim=1) - allowed).clamp(min=0))
+
+
 def select_per_head(
     chunks: torch.Tensor, lens: torch.Tensor, allowed: torch.Tensor, block_size: int
 ):

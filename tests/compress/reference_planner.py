@@ -101,8 +101,24 @@ def reference_plan(cache, slot, p: CompressionParams):
     total = allowed_total(seq_len, p, L * H, bs)
     if p.policy_spec.allocation == "global":
         to_free = max(0, sum(h[2] for h in heads) - total)
+        # The layer floor: each layer keeps its unevictable blocks plus an even share of
+        # what the budget leaves for evictable ones; its heads' lowest chunks beyond that
+        # are the only candidates of the global selection.
+        fixed = [h[2] - len(h[4]) for h in heads]
+        share = math.floor(max(0, total - sum(fixed)) * p.layer_floor / L)
+        open_chunks = [0] * len(heads)
+        for layer in range(L):
+            rows = range(layer * H, (layer + 1) * H)
+            keep = sum(fixed[i] for i in rows) + share
+            must_free = max(0, sum(heads[i][2] for i in rows) - keep)
+            in_layer = sorted((heads[i][4][j], j, i) for i in rows for j in range(len(heads[i][4])))
+            for _, _, i in in_layer[:must_free]:
+                open_chunks[i] += 1
         candidates = sorted(
-            (score, j, idx) for idx, h in enumerate(heads) for j, score in enumerate(h[4])
+            (score, j, idx)
+            for idx, h in enumerate(heads)
+            for j, score in enumerate(h[4])
+            if j < open_chunks[idx]
         )
         freed = [0] * len(heads)
         for _, _, idx in candidates[:to_free]:

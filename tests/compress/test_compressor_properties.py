@@ -22,6 +22,7 @@ params_strategy = st.builds(
     sinks=st.integers(0, 3),
     min_cache_tokens=st.sampled_from([0, 0, 3, 10]),
     metric=st.sampled_from(["l2-sum", "l1-sum", "l2-avg", "l1-avg"]),
+    layer_floor=st.sampled_from([0.0, 0.0, 0.5, 0.75, 1.0]),
 ).flatmap(
     lambda p: (
         st.just(p)
@@ -33,6 +34,7 @@ params_strategy = st.builds(
                 protected_window=p.protected_window,
                 sinks=p.sinks,
                 metric=p.metric,
+                layer_floor=p.layer_floor,
             )
         )
     )

@@ -26,7 +26,9 @@ PARAMS = [
     CompressionParams(
         policy="kvcompress", compression_rate=4, min_cache_tokens=0, protected_window=4
     ),
-    CompressionParams(policy="kvcompress", max_cache_tokens=9, protected_window=2, sinks=1),
+    CompressionParams(
+        policy="kvcompress", max_cache_tokens=9, protected_window=2, sinks=1, layer_floor=0.75
+    ),
     CompressionParams(policy="kvcompress", compression_rate=2.5, min_cache_tokens=0),
 ]
 

@@ -35,6 +35,39 @@ def test_global_allocation_varies_per_head_and_frees_memory(filled_cache):
     )
 
 
+@pytest.mark.parametrize("floor", [0.5, 1.0])
+def test_layer_floor_gives_every_layer_its_share_and_matches_the_reference(filled_cache, floor):
+    cache, slots = filled_cache([200], skewed, layers=4, block_size=4)
+    params = CompressionParams(
+        compression_rate=4, protected_window=8, min_cache_tokens=0, layer_floor=floor
+    )
+    expected, blocks_freed = reference_plan(cache, slots[0], params)
+    before = {key: head_contents(cache, slots[0], *key) for key in expected}
+    stats = Compressor(cache).compress(slots, [params])
+    assert stats.blocks_freed == blocks_freed
+    for key, evicted in expected.items():
+        kept_positions = {pos for i, pos, _ in before[key] if i not in evicted}
+        assert {pos for _, pos, _ in head_contents(cache, slots[0], *key)} == kept_positions
+    # Each head's 8 protected KVs fill 2 blocks; the budget leaves the rest for evictable
+    # KVs, and every layer keeps at least `floor` of an even share of it, although layer 0's
+    # metrics are 1000 times smaller than layer 3's (the global selection empties it).
+    blocks = -(-kept(cache, slots[0]) // 4)
+    allowed = -(-(8 + 192 / 4) * 8 // 4)
+    share = int((allowed - 2 * 8) * floor // 4)
+    assert (blocks.sum(dim=1) - 2 * 2 >= share).all()
+    assert int(blocks.sum()) == allowed
+
+
+def test_global_selection_without_a_floor_starves_the_quiet_layer(filled_cache):
+    cache, slots = filled_cache([200], skewed, layers=4, block_size=4)
+    params = CompressionParams(
+        compression_rate=4, protected_window=8, min_cache_tokens=0, layer_floor=0
+    )
+    Compressor(cache).compress(slots, [params])
+    per_layer = kept(cache, slots[0]).sum(dim=1)
+    assert int(per_layer[0]) == 2 * 8  # the protected window alone
+
+
 def test_uniform_keeps_the_same_number_per_head(filled_cache):
     cache, slots = filled_cache([200], skewed)
     Compressor(cache).compress(slots, [CompressionParams("uniform", max_cache_tokens=40)])

@@ -257,6 +257,7 @@ BAD_REQUESTS = [
     ("completions", {"prompt": "hi", "pool_kernel": "x"}, 400, "pool_kernel", "integer"),
     ("completions", {"prompt": "hi", "window_size": 0}, 400, "window_size", ">= 1"),
     ("completions", {"prompt": "hi", "collection_buffer": -1}, 400, "collection_buffer", ">= 0"),
+    ("completions", {"prompt": "hi", "layer_floor": 1.5}, 400, "layer_floor", "from 0 to 1"),
     ("completions", {"prompt": "hi", "policy": None}, 400, "policy", "cannot be null"),
     ("completions", {"prompt": "hi", "top_p": 0.0}, 400, "top_p", "greater than"),
     ("completions", {"prompt": "hi", "n": 17}, 400, "n", "at most 16"),
