@@ -187,10 +187,7 @@ class CompressionParams:
         if self.compression_rate is not None and self.max_cache_tokens is not None:
             raise bad("compression_rate", "give compression_rate or max_cache_tokens, not both")
         if self.compression_rate is not None and not (
-            isinstance(self.compression_rate, int | float)
-            and not isinstance(self.compression_rate, bool)
-            and math.isfinite(self.compression_rate)
-            and self.compression_rate >= 1
+            _is_number(self.compression_rate) and self.compression_rate >= 1
         ):
             raise bad(
                 "compression_rate",
@@ -204,11 +201,7 @@ class CompressionParams:
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise bad(name, f"{name} must be an integer >= 0, got {value!r}")
-        if not (
-            isinstance(self.layer_floor, int | float)
-            and not isinstance(self.layer_floor, bool)
-            and 0 <= self.layer_floor <= 1
-        ):
+        if not (_is_number(self.layer_floor) and 0 <= self.layer_floor <= 1):
             raise bad(
                 "layer_floor", f"layer_floor must be a number from 0 to 1, got {self.layer_floor!r}"
             )
@@ -351,6 +344,11 @@ def exact_rates(**fields: Any) -> CompressionParams:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float (a bool is neither here)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _record_fields_set(init):
