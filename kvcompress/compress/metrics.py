@@ -112,15 +112,22 @@ def pool_by_position(
     holds nothing), pooled there by ``max_pool1d``, and read back: a few passes over
     ``[H, G, positions]``, where comparing each slot with its neighbours in position order
     would build ``pool_kernel`` copies of the scores."""
-    if pool_kernel <= 1:
-        return scores
     H, G, W = scores.shape
-    span = int(positions.masked_fill(~valid, 0).max()) + 1 if W else 1
+    if pool_kernel <= 1 or W == 0:
+        return scores
+    r = pool_kernel // 2
+    slot = torch.arange(W, device=positions.device)
+    if bool(((positions == slot) | ~valid).all()):
+        # Each held slot holds its own position (a prompt not yet compacted): the slots are
+        # the grid, and the scatter onto one and the read back would be copies.
+        grid = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
+        pooled = F.max_pool1d(grid.view(H * G, 1, W), pool_kernel, 1, r).view(H, G, W)
+        return torch.where(valid.unsqueeze(1), pooled, scores)
+    span = int(positions.masked_fill(~valid, 0).max()) + 1
     # Unheld slots all go to one extra column, cleared before pooling.
     at = torch.where(valid, positions.long(), span).unsqueeze(1).expand(H, G, W)
     grid = scores.new_full((H, G, span + 1), float("-inf")).scatter_(-1, at, scores)
     grid[..., span] = float("-inf")
-    r = pool_kernel // 2
     pooled = F.max_pool1d(grid.view(H * G, 1, span + 1), pool_kernel, 1, r)
     held = pooled.view(H, G, span + 1).gather(-1, at)
     return torch.where(valid.unsqueeze(1), held, scores)

@@ -72,13 +72,22 @@ def test_metric_config_validation_names_the_setting(kwargs, param):
     width=st.integers(1, 24),
     kernel=st.sampled_from([1, 3, 7, 21]),
     seed=st.integers(0, 2**16),
+    in_order=st.booleans(),
 )
-def test_pool_by_position_takes_the_max_over_held_kvs_within_the_radius(width, kernel, seed):
+def test_pool_by_position_takes_the_max_over_held_kvs_within_the_radius(
+    width, kernel, seed, in_order
+):
     """Held KVs in scrambled slot order with gaps between positions (as after compaction),
-    some slots unheld: each held slot gets the max over held slots within kernel // 2."""
+    or each slot holding its own position (before), some slots unheld: each held slot gets
+    the max over held slots within kernel // 2."""
     gen = torch.Generator().manual_seed(seed)
     H, G = 2, 3
-    positions = torch.stack([torch.randperm(3 * width, generator=gen)[:width] for _ in range(H)])
+    if in_order:
+        positions = torch.arange(width).expand(H, width)
+    else:
+        positions = torch.stack(
+            [torch.randperm(3 * width, generator=gen)[:width] for _ in range(H)]
+        )
     valid = torch.rand(H, width, generator=gen) < 0.8
     scores = torch.rand(H, G, width, generator=gen)
     got = pool_by_position(scores, positions, valid, kernel)

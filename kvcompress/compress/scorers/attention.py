@@ -17,7 +17,7 @@ class Pooling(NamedTuple):
 
 
 def group_attention(
-    logits: torch.Tensor,  # [S, LH, G, W] logits of each query head of a KV head's group
+    logits: torch.Tensor,  # [S, LH, G, W] logits per query head of a group (overwritten)
     valid: torch.Tensor,  # [S, LH, W] bool: the slot holds a KV
     pooling: Pooling | None = None,
 ) -> torch.Tensor:
@@ -28,19 +28,29 @@ def group_attention(
     The pooling matters beyond one head: a query attends to a fact's first tokens more than
     to its middle ones, and without it the global selection keeps a number's first digits in
     one head and its last in another (measured in ``docs/quality.md``)."""
-    logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
-    # A head holding nothing has an all -inf row (NaN after softmax): it scores 0.
-    probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
+    unheld = ~valid.unsqueeze(2)
+    probs = torch.softmax(logits.masked_fill_(unheld, float("-inf")), dim=-1)
+    # A head holding nothing has an all -inf row, NaN after the softmax: it scores 0.
+    probs.masked_fill_(unheld, 0.0)
     if pooling is not None:
-        _, LH, G, W = probs.shape
         kernels = pooling.kernels.tolist()
+        if len(set(kernels)) == 1:  # the usual pass: no copy of rows in and out
+            return _pool(probs, pooling.positions, valid, kernels[0]).sum(dim=2)
         for kernel in sorted(set(kernels)):
             rows = [i for i, k in enumerate(kernels) if k == kernel]
-            pooled = pool_by_position(
-                probs[rows].view(-1, G, W),
-                pooling.positions[rows].view(-1, W),
-                valid[rows].view(-1, W),
-                kernel,
-            )
-            probs[rows] = pooled.view(len(rows), LH, G, W)
+            probs[rows] = _pool(probs[rows], pooling.positions[rows], valid[rows], kernel)
     return probs.sum(dim=2)
+
+
+def _pool(
+    probs: torch.Tensor,  # [s, LH, G, W]
+    positions: torch.Tensor,  # [s, LH, W]
+    valid: torch.Tensor,  # [s, LH, W]
+    kernel: int,
+) -> torch.Tensor:
+    """``pool_by_position`` over sequences that share one kernel."""
+    s, LH, G, W = probs.shape
+    pooled = pool_by_position(
+        probs.view(-1, G, W), positions.reshape(-1, W), valid.reshape(-1, W), kernel
+    )
+    return pooled.view(s, LH, G, W)

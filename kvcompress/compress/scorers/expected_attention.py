@@ -44,10 +44,10 @@ def expected_attention(
     """``[S, LH, W]``: expected attention probability of each KV, max-pooled along
     positions if ``pooling`` says so (0 on padding)."""
     keys = keys.float()
-    logits = torch.matmul(mean.float(), keys.transpose(-1, -2)) * scale  # [S, LH, G, W]
+    logits = torch.matmul(mean.float() * scale, keys.transpose(-1, -2))  # [S, LH, G, W]
     if var is not None:
-        spread = torch.matmul(var.float(), (keys * keys).transpose(-1, -2))
-        logits = logits + 0.5 * scale**2 * spread
+        spread = var.float() * (0.5 * scale**2)
+        logits += torch.matmul(spread, (keys * keys).transpose(-1, -2))
     return group_attention(logits, valid, pooling)
 
 

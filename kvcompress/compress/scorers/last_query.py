@@ -28,7 +28,7 @@ def last_query_attention(
     positions if ``pooling`` says so, summed over the query heads of each KV head's GQA
     group (0 on padding)."""
     q = query_rows(queries, keys.shape[1] // queries.shape[1])  # [S, LH, G, D]
-    logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scale  # [S, LH, G, W]
+    logits = torch.matmul(q * scale, keys.float().transpose(-1, -2))  # [S, LH, G, W]
     return group_attention(logits, valid, pooling)
 
 
