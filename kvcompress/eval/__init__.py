@@ -43,6 +43,8 @@ _LAZY: dict[str, tuple[str, ...]] = {
         "SWEPT_FIELDS",
         "Setting",
         "SweepConfig",
+        "Variant",
+        "parse_variant",
     ),
     "kvcompress.eval.results": ("EvalResult", "KeptGrid", "Row", "format_cell"),
     "kvcompress.eval.jobs": ("Job", "run_jobs"),

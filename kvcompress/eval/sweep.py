@@ -12,7 +12,10 @@ approximations:
 
 The other compression fields (protected window, sinks, metric, ...) come from one base
 `CompressionParams` applied at every grid point, so the sweep's options and its JSON follow
-the schema's fields.
+the schema's fields. A policy of the grid may set some of them over the base, written
+``policy:field=value[:field=value...]`` (``kvcompress:layer_floor=0.75``): a variant, with
+rows and plot lines of its own under that name, so that settings are compared side by side
+on the same prompts in one run.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from kvcompress.compress import POLICIES, CompressionParams, exact_rates
+from kvcompress.compress import POLICIES, CompressionParams, compression_fields, exact_rates
 
 __all__ = [
     "DEFAULT_POLICIES",
@@ -29,6 +32,8 @@ __all__ = [
     "SWEPT_FIELDS",
     "Setting",
     "SweepConfig",
+    "Variant",
+    "parse_variant",
 ]
 
 # Full first: it is the reference every other policy is compared with.
@@ -49,10 +54,63 @@ _SCHEMA_DEFAULTS = CompressionParams()
 
 
 class Setting(NamedTuple):
-    """One engine run of the grid: a policy at a requested rate."""
+    """One engine run of the grid: a policy (or a variant's name) at a requested rate."""
 
     policy: str
     rate: float
+
+
+class Variant(NamedTuple):
+    """A grid entry: a policy and the compression fields it sets over the sweep's base."""
+
+    policy: str
+    overrides: dict[str, Any]
+
+
+_FIELD_TYPES = {spec.name: spec for spec in compression_fields()}
+_TRUE, _FALSE = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
+
+
+def parse_variant(name: str) -> Variant:
+    """``policy[:field=value...]`` -> its policy and fields, each value parsed to its
+    field's type (``none`` clears a nullable one); ``ValueError`` naming what is wrong.
+
+    The values are checked as a request's are when the sweep builds its parameters."""
+    policy, *pairs = name.split(":")
+    if policy not in POLICIES:
+        where = f" in {name!r}" if pairs else ""
+        raise ValueError(f"unknown policy {policy}{where}; choose from {', '.join(POLICIES)}")
+    if policy == "full" and pairs:
+        raise ValueError(f"{name!r}: full evicts nothing, so it takes no settings")
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        field_name, sep, text = pair.partition("=")
+        spec = _FIELD_TYPES.get(field_name)
+        if not sep or spec is None:
+            raise ValueError(
+                f"{name!r}: {pair!r} is not field=value with a compression field "
+                f"(one of {', '.join(n for n in _FIELD_TYPES if n not in SWEPT_FIELDS)})"
+            )
+        if field_name in SWEPT_FIELDS:
+            raise ValueError(f"{name!r}: the sweep sets {field_name} itself")
+        if field_name in overrides:
+            raise ValueError(f"{name!r} sets {field_name} twice")
+        overrides[field_name] = _parse_value(name, field_name, text, spec.type, spec.nullable)
+    return Variant(policy, overrides)
+
+
+def _parse_value(name: str, field_name: str, text: str, kind: type, nullable: bool) -> Any:
+    if nullable and text.lower() == "none":
+        return None
+    if kind is bool:
+        if text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+    else:
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise ValueError(f"{name!r}: {field_name} takes {kind.__name__} values, got {text!r}")
 
 
 FULL = Setting("full", 1)
@@ -79,11 +137,10 @@ class SweepConfig:
     shared_prefill: bool = True
 
     def __post_init__(self) -> None:
-        unknown = [p for p in self.policies if p not in POLICIES]
-        if unknown:
-            raise ValueError(f"unknown policy {unknown}; choose from {', '.join(POLICIES)}")
         if not self.policies:
             raise ValueError("no policies to evaluate")
+        for name in self.policies:
+            parse_variant(name)
         if not self.rates or any(not r >= 1 for r in self.rates):
             raise ValueError(f"compression rates must be numbers >= 1, got {self.rates}")
         # A base policy or budget would be silently replaced at every grid point.
@@ -91,6 +148,12 @@ class SweepConfig:
         swept = [n for n in SWEPT_FIELDS if getattr(base, n) != getattr(schema, n)]
         if swept:
             raise ValueError(f"the sweep sets {', '.join(swept)} itself; leave it out of the base")
+        # A variant's values are checked here, before any prompt runs.
+        for setting in self.settings():
+            try:
+                self.params(setting)
+            except ValueError as err:
+                raise ValueError(f"{setting.policy!r}: {err}") from err
 
     def run_setting(self, policy: str, rate: float) -> Setting:
         """The run whose result stands for (policy, rate): see the module docstring."""
@@ -104,14 +167,15 @@ class SweepConfig:
         return sorted(runs, key=lambda s: s != FULL)
 
     def params(self, setting: Setting) -> CompressionParams:
-        """The request parameters of one run: the base with the setting's policy and rate.
+        """The request parameters of one run: the base, with the variant's fields if the
+        setting names one, and the setting's policy and rate.
 
         Every field is given, so the engine's own defaults never change what is measured.
         """
+        policy, overrides = parse_variant(setting.policy)
         rate = None if setting == FULL else float(setting.rate)
-        return CompressionParams(
-            **(self.compression.to_dict() | {"policy": setting.policy, "compression_rate": rate})
-        )
+        grid_point = {"policy": policy, "compression_rate": rate}
+        return CompressionParams(**(self.compression.to_dict() | overrides | grid_point))
 
     def heatmap_rate(self) -> float | None:
         """The rate whose kept-KV grids are kept for the heat map: the highest one."""

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from kvcompress.compress import exact_rates
 from kvcompress.eval.suites import RulerSpec, run_ruler
 from kvcompress.eval.sweep import SweepConfig
 from tests.eval.shared_engine import shared_engine
@@ -80,3 +81,28 @@ def test_shared_prefill_scores_what_one_request_per_pair_scores():
     assert results[True].samples == results[False].samples
     assert results[True].rows == results[False].rows
     assert results[True].kept == results[False].kept
+
+
+@pytest.mark.slow
+def test_a_variant_runs_with_its_own_fields_beside_its_policy():
+    """Variants share the grid's prompts and report under their own names; each runs with
+    its fields, including one that needs a prefill of its own (another metric)."""
+    engine = shared_engine()
+    spec = RulerSpec(tasks=("niah_single",), lengths=(256,), num_samples=1)
+    names = ("kvcompress", "kvcompress:min_cache_tokens=4096", "kvcompress:metric=l1-sum")
+    result = run_ruler(engine, spec, SweepConfig(policies=names, rates=(8,)), progress=False)
+    by = {row.policy: row for row in result.rows}
+    assert list(by) == list(names)
+    assert by["kvcompress"].achieved_rate > 2
+    # Its floor is above the prompt: the variant kept every KV.
+    assert by["kvcompress:min_cache_tokens=4096"].achieved_rate == 1.0
+    assert result.kept is not None and set(result.kept.grids) == set(names)
+
+    # The metric variant is what the same metric as the sweep's base gives.
+    base = SweepConfig(
+        policies=("kvcompress",), rates=(8,), compression=exact_rates(metric="l1-sum")
+    )
+    alone = run_ruler(engine, spec, base, progress=False)
+    assert by["kvcompress:metric=l1-sum"].achieved_rate == alone.rows[0].achieved_rate
+    assert result.kept.grids["kvcompress:metric=l1-sum"] == alone.kept.grids["kvcompress"]
+    assert result.kept.grids["kvcompress:metric=l1-sum"] != result.kept.grids["kvcompress"]

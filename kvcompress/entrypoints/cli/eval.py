@@ -61,6 +61,7 @@ from kvcompress.eval import (
     SweepConfig,
     available_subsets,
     format_cell,
+    parse_variant,
     read_text,
     run_fidelity,
     run_longbench,
@@ -102,6 +103,21 @@ def _names(known: Collection[str], what: str) -> Callable[[str], tuple[str, ...]
         return tuple(dict.fromkeys(names))  # drop repeats, keep order
 
     return parse
+
+
+def _policies(text: str) -> tuple[str, ...]:
+    """Policies or variants (``policy:field=value...``), comma-separated, or "all"."""
+    if text.strip() == "all":
+        return ("full", *(p for p in POLICIES if p != "full"))
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"no policy in {text!r}")
+    for name in names:
+        try:
+            parse_variant(name)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+    return names
 
 
 def _lengths(minimum: int) -> Callable[[str], tuple[int, ...]]:
@@ -146,9 +162,11 @@ def add_eval_parser(commands) -> argparse.ArgumentParser:
     sweep = p.add_argument_group("sweep")
     sweep.add_argument(
         "--policies",
-        type=_names(("full", *(p for p in POLICIES if p != "full")), "policy"),
+        type=_policies,
         default=DEFAULT_POLICIES,
-        help="comma-separated, or all (default: all)",
+        help="comma-separated, or all (default: all); a policy may set compression fields "
+        "over the base, as a variant with rows of its own: POLICY:FIELD=VALUE[:FIELD=VALUE] "
+        "(e.g. kvcompress,kvcompress:layer_floor=0.75)",
     )
     sweep.add_argument(
         "--rates",

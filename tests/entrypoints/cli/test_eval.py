@@ -26,6 +26,10 @@ def parse(*argv: str) -> argparse.Namespace:
     ("argv", "message"),
     [
         (["--policies", "kvcompress,nope"], "unknown policy nope"),
+        (["--policies", "kvcompress:layer_floor=x"], "layer_floor takes float values, got 'x'"),
+        (["--policies", "kvcompress:nope=1"], "'nope=1' is not field=value"),
+        (["--policies", "kvcompress:policy=h2o"], "the sweep sets policy itself"),
+        (["--policies", "full:sinks=4"], "full evicts nothing"),
         (["--tasks", "niah_single,haystack"], "unknown RULER task haystack"),
         (["--rates", "0.5,4"], "rates must be numbers >= 1"),
         (["--rates", "four"], "comma-separated numbers"),
@@ -50,6 +54,14 @@ def test_all_expands_to_every_name():
     assert args.policies[0] == "full" and len(args.policies) == 7
     assert len(args.tasks) == 7
     assert args.rates == (1, 2.5, 8)
+
+
+def test_a_policy_may_be_a_variant_with_fields_of_its_own():
+    args = parse("--policies", "full,kvcompress,kvcompress:layer_floor=0.75:pool_kernel=7")
+    assert args.policies == ("full", "kvcompress", "kvcompress:layer_floor=0.75:pool_kernel=7")
+    # Values out of range are the schema's to refuse, before the model loads.
+    with pytest.raises(ValueError, match="layer_floor must be a number from 0 to 1"):
+        evaluate(parse("--policies", "kvcompress:layer_floor=2"))
 
 
 def test_shared_prefill_is_on_unless_turned_off():
