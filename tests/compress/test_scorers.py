@@ -217,6 +217,13 @@ def test_last_query_attention_is_pooled_per_query_head_before_the_group_sum():
         torch.testing.assert_close(got[s], pooled.sum(dim=1))
     # Kernel 1 is no pooling at all.
     torch.testing.assert_close(got[1], last_query_attention(q, keys, valid, 0.5)[1])
+    # One kernel for the whole pass (pooled in one go), on compacted and on in-order heads.
+    in_order = torch.arange(W).expand(S, L * H, W)
+    for pos in (positions, in_order):
+        got = last_query_attention(q, keys, valid, 0.5, Pooling(pos, torch.tensor([5, 5])))
+        for s in range(S):
+            pooled = pool_by_position(probs[s], pos[s], valid[s], 5)
+            torch.testing.assert_close(got[s], pooled.sum(dim=1))
 
 
 def test_last_query_keeps_the_neighbours_of_what_it_attends_within_the_pool_kernel():
