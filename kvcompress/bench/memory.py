@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvcompress.cache import CacheConfig, PagedKVCache
+from kvcompress.cache import CacheConfig, PagedKVCache, kv_dtype_from_name
 from kvcompress.compress import SCORERS, CompressionParams, Compressor, ScorerInputs, exact_rates
 
 
@@ -34,6 +34,8 @@ class MemoryBenchConfig:
     # Query heads per layer (the default model's 9), for the queries the query scorers read.
     num_q_heads: int = 9
     head_dim: int = 64
+    # Storage of K and V, as --kv-cache-dtype names it ("auto": float32, the bench's model).
+    kv_cache_dtype: str = "float32"
     repeats: int = 3
     seed: int = 0
     # What every rate uses besides it.
@@ -49,6 +51,7 @@ class MemoryBenchConfig:
                 f"num_q_heads ({self.num_q_heads}) must be a multiple of num_kv_heads "
                 f"({self.num_kv_heads})"
             )
+        kv_dtype_from_name(self.kv_cache_dtype, torch.float32)  # a ValueError naming the choices
         if not self.rates or any(r < 1 for r in self.rates):
             raise ValueError(f"rates must be numbers >= 1, got {self.rates}")
 
@@ -98,6 +101,7 @@ def run_memory_bench(cfg: MemoryBenchConfig) -> list[dict]:
         kv_cache_memory=num_blocks * cfg.block_size * (2 * cfg.head_dim * 4 + 8),
         max_seqs=cfg.num_seqs,
         max_model_len=cfg.prompt_len,
+        dtype=kv_dtype_from_name(cfg.kv_cache_dtype, torch.float32),
     )
     cache = PagedKVCache(cache_cfg)
     compressor = Compressor(cache, seed=cfg.seed)

@@ -62,9 +62,15 @@ def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return scaled.clamp_(-FP8_MAX, FP8_MAX).to(FP8)
 
 
-def dequantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp8 ``x [..., H, W, D]`` back to ``dtype`` with per-head ``scale [H]``."""
-    return x.to(dtype) * scale.view(-1, 1, 1).to(dtype)
+def dequantize(
+    x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """fp8 ``x [..., H, W, D]`` back to ``dtype`` with per-head ``scale [H]`` (into ``out``,
+    of ``x``'s shape, if given)."""
+    scale = scale.view(-1, 1, 1).to(dtype)
+    if out is None:
+        return x.to(dtype) * scale
+    return out.copy_(x).mul_(scale)
 
 
 def copyable(pool: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,19 @@ def test_memory_bench_header_names_the_scorer(capsys):
     assert "scorer last-query" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "fp8"])
+def test_memory_bench_compresses_a_narrow_pool(dtype, capsys):
+    argv = ["bench", "memory", "--prompt-len", "128", "--num-seqs", "2", "--rates", "4"]
+    argv += ["--repeats", "1", "--scorer", "last-query", "--min-cache-tokens", "0"]
+    assert main([*argv, "--kv-cache-dtype", dtype, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["config"]["kv_cache_dtype"] == dtype
+    (row,) = doc["rows"]
+    assert row["physical_kvs"] == row["kvs_kept"] < row["kvs_seen"]
+    with pytest.raises(ValueError, match="unknown KV cache dtype"):
+        MemoryBenchConfig(kv_cache_dtype="int4")
+
+
 def test_memory_bench_refuses_query_heads_not_a_multiple_of_kv_heads():
     with pytest.raises(ValueError, match="num_q_heads"):
         MemoryBenchConfig(num_q_heads=4, num_kv_heads=3)

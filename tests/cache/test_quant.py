@@ -20,6 +20,11 @@ def test_fp8_round_trip_is_within_the_documented_bound() -> None:
     # Relative 2**-4 (3 mantissa bits, round to nearest); absolute 2**-10 * scale (subnormals).
     bound = torch.maximum(x.abs() * 2**-4, scale.view(1, 3, 1) * 2**-10)
     assert (back - x).abs().le(bound).all()
+    # Into a given buffer (whatever it held), the same values.
+    stored = quantize(x, scale).view(-1, 3, 32).transpose(0, 1)
+    out = torch.full(stored.shape, float("nan"))
+    assert dequantize(stored, scale, torch.float32, out=out) is out
+    assert torch.equal(out.transpose(0, 1), back)
     # The first write's amax sits HEADROOM below the top of the range.
     amax = x.abs().amax(dim=(0, 2))
     torch.testing.assert_close(amax / scale, torch.full((3,), FP8_MAX / HEADROOM))

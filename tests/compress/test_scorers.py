@@ -354,14 +354,15 @@ def test_expected_attention_shares_the_global_budget_by_standing_not_by_sharpnes
     assert len({len(positions) for positions in kept[0].values()}) > 1
 
 
-def test_the_key_scorers_read_an_fp8_caches_keys_scaled_back():
+def test_the_key_scorers_read_narrow_pools_keys_widened_and_fp8_scaled_back():
     """fp8 pools store keys divided by a per-(layer, head) scale: the scorers must see the
-    keys themselves (last-query's softmax temperature depends on their scale)."""
+    keys themselves (last-query's softmax temperature depends on their scale). bfloat16 and
+    fp8 keys are widened to float32 first."""
     from kvcompress.cache.quant import FP8
 
     gen = torch.Generator().manual_seed(9)
     keys = {}
-    for dtype in (torch.float32, FP8):
+    for dtype in (torch.float32, torch.bfloat16, FP8):
         cfg = CacheConfig(
             num_layers=LAYERS,
             num_kv_heads=HEADS,
@@ -390,7 +391,9 @@ def test_the_key_scorers_read_an_fp8_caches_keys_scaled_back():
         keys[dtype] = comp.scores(seq, view, params, ScorerInputs(last_queries=q))
     finite = torch.isfinite(keys[torch.float32])
     assert int(finite.sum()) == LAYERS * HEADS * 12
-    torch.testing.assert_close(keys[FP8][finite], keys[torch.float32][finite], atol=0.05, rtol=0.1)
+    for dtype in (torch.bfloat16, FP8):
+        got, want = keys[dtype][finite], keys[torch.float32][finite]
+        torch.testing.assert_close(got, want, atol=0.05, rtol=0.1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])

@@ -50,6 +50,12 @@ def add_bench_parser(commands) -> None:
     memory.add_argument("--block-size", type=int, default=d.block_size)
     memory.add_argument("--rates", type=parse_rates, default=d.rates)
     memory.add_argument("--repeats", type=int, default=d.repeats)
+    memory.add_argument(
+        "--kv-cache-dtype",
+        default=d.kv_cache_dtype,
+        choices=tuple(c for c in CHOICES["kv_cache_dtype"] if c != "auto"),
+        help="storage of K and V (default: %(default)s)",
+    )
     memory.add_argument("--json", action="store_true", help=REPORT_HELP)
     add_compression_args(memory, "compression (at every rate)", exclude=SWEPT)
     memory.set_defaults(func=run_memory)
@@ -223,8 +229,8 @@ def run_memory(args: argparse.Namespace) -> int:
     header = (
         f"memory benchmark: {cfg.num_seqs} sequences x {cfg.prompt_len} tokens, "
         f"{cfg.num_layers} layers x {cfg.num_kv_heads} KV heads x head dim {cfg.head_dim}, "
-        f"block size {cfg.block_size}, policy {cfg.compression.policy}, "
-        f"scorer {cfg.compression.effective_scorer}, "
+        f"block size {cfg.block_size}, {cfg.kv_cache_dtype} K and V, "
+        f"policy {cfg.compression.policy}, scorer {cfg.compression.effective_scorer}, "
         f"protected window {cfg.compression.protected_window}; "
         "ms_per_million_kvs: scoring + planning + compaction"
     )
