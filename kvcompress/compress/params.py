@@ -375,6 +375,26 @@ class ParamField(NamedTuple):
     help: str
     choices: tuple[str, ...] | None
 
+    def parse(self, text: str) -> Any:
+        """This field's value written as text (command lines, eval variants): ``none`` is a
+        nullable field's None, a bool is true/false, on/off, yes/no or 1/0. The value's
+        range is checked by :class:`CompressionParams`, not here."""
+        lowered = text.strip().lower()
+        if self.nullable and lowered == "none":
+            return None
+        if self.type is bool:
+            if lowered in _TRUE or lowered in _FALSE:
+                return lowered in _TRUE
+        else:
+            try:
+                return self.type(text)
+            except ValueError:
+                pass
+        raise ValueError(f"{self.name} takes {self.type.__name__} values, got {text!r}")
+
+
+_TRUE, _FALSE = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
+
 
 @functools.cache
 def compression_fields() -> tuple[ParamField, ...]:

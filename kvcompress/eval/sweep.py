@@ -68,12 +68,11 @@ class Variant(NamedTuple):
 
 
 _FIELD_TYPES = {spec.name: spec for spec in compression_fields()}
-_TRUE, _FALSE = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
 
 
 def parse_variant(name: str) -> Variant:
-    """``policy[:field=value...]`` -> its policy and fields, each value parsed to its
-    field's type (``none`` clears a nullable one); ``ValueError`` naming what is wrong.
+    """``policy[:field=value...]`` -> its policy and fields, each value parsed as its field
+    parses text (``ParamField.parse``); ``ValueError`` naming what is wrong.
 
     The values are checked as a request's are when the sweep builds its parameters."""
     policy, *pairs = name.split(":")
@@ -95,22 +94,11 @@ def parse_variant(name: str) -> Variant:
             raise ValueError(f"{name!r}: the sweep sets {field_name} itself")
         if field_name in overrides:
             raise ValueError(f"{name!r} sets {field_name} twice")
-        overrides[field_name] = _parse_value(name, field_name, text, spec.type, spec.nullable)
-    return Variant(policy, overrides)
-
-
-def _parse_value(name: str, field_name: str, text: str, kind: type, nullable: bool) -> Any:
-    if nullable and text.lower() == "none":
-        return None
-    if kind is bool:
-        if text.lower() in _TRUE + _FALSE:
-            return text.lower() in _TRUE
-    else:
         try:
-            return kind(text)
-        except ValueError:
-            pass
-    raise ValueError(f"{name!r}: {field_name} takes {kind.__name__} values, got {text!r}")
+            overrides[field_name] = spec.parse(text)
+        except ValueError as err:
+            raise ValueError(f"{name!r}: {err}") from err
+    return Variant(policy, overrides)
 
 
 FULL = Setting("full", 1)

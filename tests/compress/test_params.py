@@ -113,6 +113,26 @@ def test_the_schema_lists_every_field_with_its_default_and_help():
     assert CompressionParams(compression_rate=2).to_dict()["compression_rate"] == 2
 
 
+def test_a_field_parses_its_value_from_text():
+    from kvcompress.compress import compression_fields
+
+    spec = {s.name: s for s in compression_fields()}
+    assert spec["sinks"].parse("4") == 4
+    assert spec["layer_floor"].parse("0.75") == 0.75
+    assert spec["metric"].parse("l1-sum") == "l1-sum"
+    assert spec["pool_kernel"].parse("None") is None  # nullable
+    assert [spec["compress_once"].parse(t) for t in ("on", "True", "1", "off", "no")] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
+    for name, text in [("sinks", "none"), ("sinks", "1.5"), ("compress_once", "maybe")]:
+        with pytest.raises(ValueError, match=f"{name} takes"):
+            spec[name].parse(text)
+
+
 def test_prefill_signature_names_what_the_prefill_collects():
     from kvcompress.compress import shared_prefill_signature
     from kvcompress.errors import InvalidParameterError

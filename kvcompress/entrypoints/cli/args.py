@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from kvcompress.compress import BUDGET_FIELDS, CompressionParams, compression_fields
+from kvcompress.compress import BUDGET_FIELDS, CompressionParams, ParamField, compression_fields
 
 if TYPE_CHECKING:
     from kvcompress.engine import EngineConfig
@@ -122,11 +122,11 @@ def add_engine_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
         )
 
 
-def _nullable(kind: type):
+def _typed(spec: ParamField):
     def parse(text: str):
-        return None if text.lower() == "none" else kind(text)
+        return spec.parse(text)
 
-    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    parse.__name__ = spec.type.__name__  # argparse names the type in its error messages
     return parse
 
 
@@ -156,10 +156,9 @@ def add_compression_args(
                 help=help,
             )
             continue
-        kind = _nullable(spec.type) if spec.nullable else spec.type
         target.add_argument(
             _flag(spec.name),
-            type=kind,
+            type=_typed(spec),
             choices=spec.choices,
             default=argparse.SUPPRESS,
             help=help,
