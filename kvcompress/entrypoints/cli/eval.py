@@ -106,10 +106,11 @@ def _names(known: Collection[str], what: str) -> Callable[[str], tuple[str, ...]
 
 
 def _policies(text: str) -> tuple[str, ...]:
-    """Policies or variants (``policy:field=value...``), comma-separated, or "all"."""
-    if text.strip() == "all":
-        return ("full", *(p for p in POLICIES if p != "full"))
-    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    """Policies or variants (``policy:field=value...``), comma-separated; "all" stands for
+    every policy (``all,kvcompress:layer_floor=0.75``: every policy and a variant)."""
+    every = ("full", *(p for p in POLICIES if p != "full"))
+    given = [n.strip() for n in text.split(",") if n.strip()]
+    names = tuple(dict.fromkeys(p for n in given for p in (every if n == "all" else (n,))))
     if not names:
         raise argparse.ArgumentTypeError(f"no policy in {text!r}")
     for name in names:
@@ -164,9 +165,9 @@ def add_eval_parser(commands) -> argparse.ArgumentParser:
         "--policies",
         type=_policies,
         default=DEFAULT_POLICIES,
-        help="comma-separated, or all (default: all); a policy may set compression fields "
-        "over the base, as a variant with rows of its own: POLICY:FIELD=VALUE[:FIELD=VALUE] "
-        "(e.g. kvcompress,kvcompress:layer_floor=0.75)",
+        help="comma-separated; all: every policy (default: all). A policy may set "
+        "compression fields over the base, as a variant with rows of its own: "
+        "POLICY:FIELD=VALUE[:FIELD=VALUE] (e.g. all,kvcompress:layer_floor=0.75)",
     )
     sweep.add_argument(
         "--rates",

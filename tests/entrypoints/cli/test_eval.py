@@ -59,6 +59,8 @@ def test_all_expands_to_every_name():
 def test_a_policy_may_be_a_variant_with_fields_of_its_own():
     args = parse("--policies", "full,kvcompress,kvcompress:layer_floor=0.75:pool_kernel=7")
     assert args.policies == ("full", "kvcompress", "kvcompress:layer_floor=0.75:pool_kernel=7")
+    args = parse("--policies", "all,kvcompress:layer_floor=0.75,uniform")
+    assert args.policies == (*parse("--policies", "all").policies, "kvcompress:layer_floor=0.75")
     # Values out of range are the schema's to refuse, before the model loads.
     with pytest.raises(ValueError, match="layer_floor must be a number from 0 to 1"):
         evaluate(parse("--policies", "kvcompress:layer_floor=2"))
