@@ -67,7 +67,7 @@ class Variant(NamedTuple):
     overrides: dict[str, Any]
 
 
-_FIELD_TYPES = {spec.name: spec for spec in compression_fields()}
+_FIELDS_BY_NAME = {spec.name: spec for spec in compression_fields()}
 
 
 def parse_variant(name: str) -> Variant:
@@ -84,11 +84,11 @@ def parse_variant(name: str) -> Variant:
     overrides: dict[str, Any] = {}
     for pair in pairs:
         field_name, sep, text = pair.partition("=")
-        spec = _FIELD_TYPES.get(field_name)
+        spec = _FIELDS_BY_NAME.get(field_name)
         if not sep or spec is None:
             raise ValueError(
                 f"{name!r}: {pair!r} is not field=value with a compression field "
-                f"(one of {', '.join(n for n in _FIELD_TYPES if n not in SWEPT_FIELDS)})"
+                f"(one of {', '.join(n for n in _FIELDS_BY_NAME if n not in SWEPT_FIELDS)})"
             )
         if field_name in SWEPT_FIELDS:
             raise ValueError(f"{name!r}: the sweep sets {field_name} itself")
