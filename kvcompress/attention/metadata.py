@@ -89,6 +89,9 @@ class ChunkMetadata:
     metric_power: int  # 1 or 2; 0 when the sequence collects no metric
     metric: MetricConfig  # how the sequence collects it: window, pooling, buffer
     history: HistoryMetadata | None  # None: the sequence held no KVs before this chunk
+    # [end position] long: the span start of each of the sequence's positions up to the
+    # chunk's last (``metric.pool_spans``); None: the metric is not pooled over spans.
+    spans: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -197,6 +200,7 @@ def build_metadata(
     collection_buffer: torch.Tensor | None = None,
     capture: QueryCapture | None = None,
     window_capture: QueryCapture | None = None,
+    spans: Sequence[torch.Tensor | None] | None = None,
 ) -> AttentionMetadata:
     """The metadata of one step, after ``append`` (the step's :meth:`prepare_append`).
 
@@ -206,7 +210,9 @@ def build_metadata(
     sequence). ``metric_power`` and ``collection_buffer``, the same values as tensors on the
     cache's device, may be passed when the caller already built them (one host-to-device
     copy per step instead of several). ``capture`` names the queries to keep,
-    ``window_capture`` the windows whose mean query to keep.
+    ``window_capture`` the windows whose mean query to keep. ``spans[i]``, for a sequence
+    whose metric is pooled over spans, gives the span start of each of its positions up to
+    its chunk's last (:class:`ChunkMetadata`).
     """
     dev = seq_slots.device
     settings = list(metric_settings or [MetricConfig()] * len(query_lens))
@@ -260,7 +266,17 @@ def build_metadata(
                 query_offsets=torch.arange(n, device=dev).view(n, 1),
                 max_blocks=nb,
             )
-        chunks.append(ChunkMetadata(i, start, start + n, metric_powers[i], settings[i], history))
+        chunks.append(
+            ChunkMetadata(
+                i,
+                start,
+                start + n,
+                metric_powers[i],
+                settings[i],
+                history,
+                None if spans is None else spans[i],
+            )
+        )
         start += n
     return AttentionMetadata(
         seq_slots=seq_slots,

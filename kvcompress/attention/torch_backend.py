@@ -8,12 +8,12 @@ held, replaces the older KVs' metric and initialises its own. Decode gathers eac
 blocks up to that head's own length, so each query head reads its KV head's block table; the
 step's attention probabilities are added to the metric of every KV they attended to.
 
-How a sequence collects (observation window, pooling kernel, collection buffer) comes with it
-in the step's metadata, so one batch may mix requests with different settings. A sequence
-whose scorer reads its newest query (``last-query``) has it kept by ``forward``
-(``AttentionMetadata.capture``), one that reads statistics of its window's queries
-(``expected-attention``) has that window's queries kept (``window_capture``); the others cost
-nothing for it.
+How a sequence collects (observation window, pooling kernel and spans, collection buffer)
+comes with it in the step's metadata, so one batch may mix requests with different
+settings. A sequence whose scorer reads its newest query (``last-query``) has it kept by
+``forward`` (``AttentionMetadata.capture``), one that reads statistics of its window's
+queries (``expected-attention``) has that window's queries kept (``window_capture``); the
+others cost nothing for it.
 """
 
 from __future__ import annotations
@@ -95,7 +95,9 @@ class TorchAttentionBackend:
         start, end = chunk.start, chunk.end
         w = min(chunk.metric.window_size, end - start)
         q_win = q[end - w : end].transpose(0, 1)  # [Hq, w, D]
-        metric = self.window_metric(q_win, k[start:end], scale, chunk.metric_power, chunk.metric)
+        metric = self.window_metric(
+            q_win, k[start:end], scale, chunk.metric_power, chunk.metric, chunk.spans
+        )
         slots = meta.append.slots[layer][:, start:end]  # [H, n]
         self.cache.metric.view(-1)[slots.reshape(-1)] = metric.reshape(-1)
 
@@ -160,7 +162,8 @@ class TorchAttentionBackend:
         held = h.offsets < old + n  # [H, W]
         # Pooled by position over everything the head holds, as a one-shot compression
         # pools the whole prompt (older KVs are no longer contiguous, nor in slot order).
-        pooled = pool_by_position(probs.sum(dim=2), key_pos, held, config.pool_kernel)
+        spans = None if chunk.spans is None else chunk.spans.expand(H, -1)
+        pooled = pool_by_position(probs.sum(dim=2), key_pos, held, config.pool_kernel, spans)
         contrib = torch.where(held.unsqueeze(1), pooled, 0.0).sum(dim=1)  # [H, W]
         bs = cache.block_size
         key_slots = (h.blocks[layer].view(H, -1, 1) * bs + h.offsets[:bs]).view(-1)

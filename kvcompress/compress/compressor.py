@@ -92,6 +92,17 @@ class Compressor:
                     "caller does not provide",
                     param="scorer",
                 )
+            if (
+                p.evicts
+                and inputs.spans is None
+                and SCORERS[p.effective_scorer].pooled
+                and p.metric_settings(self.metric_config).pool_spans
+            ):
+                raise InvalidParameterError(
+                    f"pool_spans with scorer {p.effective_scorer!r} needs the token spans "
+                    "(ScorerInputs.spans), which this caller does not provide",
+                    param="pool_spans",
+                )
         # A sequence twice in one call would be compacted twice from the same view: its blocks
         # are freed twice (the pool silently corrupts) and its lengths go wrong.
         seen: set[int] = set()
@@ -226,6 +237,7 @@ class Compressor:
             window_size=self._metric_setting(params, "window_size", dev),
             collection_buffer=self._metric_setting(params, "collection_buffer", dev),
             pool_kernel=self._metric_setting(params, "pool_kernel", dev),
+            pool_spans=self._metric_setting(params, "pool_spans", dev).bool(),
             workspace=self.workspace,
             generator=self._generator,
             exchange=self.exchange,

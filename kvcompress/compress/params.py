@@ -149,6 +149,15 @@ class CompressionParams:
             f"{_ENGINE_METRIC.pool_kernel} by default)"
         ),
     )
+    pool_spans: bool | None = field(
+        default=None,
+        metadata=_doc(
+            "after the max-pool along positions, each KV takes the maximum over its span: a "
+            "word, or a number however many tokens it takes (window metric, last-query, "
+            "expected-attention); keeps facts whole with a narrower pool_kernel (none: the "
+            f"engine's, {_ENGINE_METRIC.pool_spans} by default)"
+        ),
+    )
     collection_buffer: int | None = field(
         default=None,
         metadata=_doc(

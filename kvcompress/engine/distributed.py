@@ -366,8 +366,10 @@ class DriverCompressor:
     def compress(
         self, seq_slots: list[int], params: list[CompressionParams], inputs: Any = None
     ) -> Any:
-        # ``inputs`` (rank 0's newest queries) stays here: each rank reads its own.
-        return self.parallel.call("compress", list(seq_slots), list(params))
+        # ``inputs``' kept queries (rank 0's) stay here: each rank reads its own. The spans
+        # are the tokens', the same on every rank.
+        spans = None if inputs is None or inputs.spans is None else inputs.spans.cpu()
+        return self.parallel.call("compress", list(seq_slots), list(params), spans)
 
 
 class DriverRunner:
@@ -378,6 +380,7 @@ class DriverRunner:
         self.local = local
         self.model = local.model
         self.kept_queries = local.kept_queries  # rank 0's: the scheduler copies them for forks
+        self.token_spans = local.token_spans
 
     def run(
         self,
@@ -389,14 +392,20 @@ class DriverRunner:
     ) -> RunnerOutput:
         plan = []
         for i, (s, n) in enumerate(zip(seqs, num_tokens, strict=True)):
-            # What the runner feeds: a decode's last token, a chunk's next n tokens.
+            # What the runner feeds: a decode's last token, a chunk's next n tokens (and
+            # the tokens before them, when it reads their spans).
             start = s.num_computed
-            fed = [s.last_token] if i < num_decode else s.token_slice(start, start + n)
+            if i < num_decode:
+                first, fed = start, [s.last_token]
+            else:
+                first = 0 if self.local.pools_spans(s) else start
+                fed = s.token_slice(first, start + n)
             plan.append(
                 PlannedSeq(
                     s.slot,
                     start,
                     fed,
+                    first,
                     s.compression,
                     s.collects_metric,
                     s.keeps_last_query,

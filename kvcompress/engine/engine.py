@@ -65,7 +65,9 @@ class LLMEngine(EngineAnalysis, EngineBranching):
             self.cache, self.compressor, self.runner = self.ranks.driver_parts(rank)
             # The ranks never outlive the engine (collected, or at interpreter exit).
             self._finalizer = weakref.finalize(self, self.ranks.close)
-        self.scheduler = Scheduler(config, self.cache, self.compressor, self.runner.kept_queries)
+        self.scheduler = Scheduler(
+            config, self.cache, self.compressor, self.runner.kept_queries, self.runner.token_spans
+        )
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = set(mc.eos_token_ids)
         # Each request's sequences: one, or with n > 1 / best_of the prefilling one and,

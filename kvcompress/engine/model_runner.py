@@ -16,7 +16,9 @@ from kvcompress.engine.kept_queries import KeptQueries
 from kvcompress.engine.last_queries import LastQueries
 from kvcompress.engine.logprobs import TokenLogprob, score_positions
 from kvcompress.engine.sequence import Sequence
+from kvcompress.engine.token_spans import TokenSpans
 from kvcompress.engine.window_queries import WindowQueries
+from kvcompress.errors import InvalidParameterError
 
 
 class RunnerOutput(NamedTuple):
@@ -33,12 +35,16 @@ class ModelRunner:
         cache: PagedKVCache,
         device: torch.device,
         metric: MetricConfig | None = None,
+        token_spans: TokenSpans | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
         self.device = device
         # How sequences collect the metric unless their request says otherwise.
         self.metric = metric or MetricConfig()
+        # The tokenizer's spans, for sequences whose metric is pooled over them; None: a
+        # runner without a tokenizer, which refuses them.
+        self.token_spans = token_spans
         mc = model.config
         # The query heads this model computes: a tensor-parallel shard's own.
         heads = len(model.shard.layout.q_heads)
@@ -126,6 +132,10 @@ class ModelRunner:
             collection_buffer=collection_buffer,
             capture=capture,
             window_capture=window_capture,
+            spans=[
+                self._chunk_spans(seq, start + n) if i >= num_decode else None
+                for i, (seq, start, n) in enumerate(zip(seqs, computed, num_tokens, strict=True))
+            ],
         )
         hidden = self.model(input_ids, plan.positions, meta)
         self.kept_queries.windows.finish()
@@ -133,6 +143,22 @@ class ModelRunner:
         if len(sample) != len(seqs) or num_decode != len(seqs):
             hidden = hidden[torch.tensor([ends[i] for i in sample], dtype=torch.long, device=dev)]
         return RunnerOutput(self.model.compute_logits(hidden), scored)
+
+    def pools_spans(self, seq: Sequence) -> bool:
+        """Whether ``seq``'s prefill metric is pooled over spans of its tokens."""
+        return seq.collects_metric and seq.compression.metric_settings(self.metric).pool_spans
+
+    def _chunk_spans(self, seq: Sequence, end: int) -> torch.Tensor | None:
+        """The span start of each of ``seq``'s positions before ``end`` (the end of its
+        chunk), for a sequence that pools its metric over spans."""
+        if not self.pools_spans(seq):
+            return None
+        if self.token_spans is None:
+            raise InvalidParameterError(
+                "pool_spans needs the model's tokenizer, which this runner was not given",
+                param="pool_spans",
+            )
+        return self.token_spans.span_starts(seq.token_slice(0, end)).to(self.device)
 
     def _replays(
         self, batch: int, num_decode: int, keep: list[int], score: Mapping[int, int] | None

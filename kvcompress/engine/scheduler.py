@@ -23,11 +23,12 @@ from typing import NamedTuple
 import torch
 
 from kvcompress.cache import PagedKVCache, swap_bytes, swap_in, swap_out
-from kvcompress.compress import Compressor, ScorerInputs
+from kvcompress.compress import SCORERS, Compressor, ScorerInputs
 from kvcompress.compress.budget import blocks_after_compression
 from kvcompress.engine.config import EngineConfig
 from kvcompress.engine.kept_queries import KeptQueries
 from kvcompress.engine.sequence import Sequence, SequenceStatus
+from kvcompress.engine.token_spans import TokenSpans
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class Scheduler:
         cache: PagedKVCache,
         compressor: Compressor,
         kept_queries: KeptQueries | None = None,
+        token_spans: TokenSpans | None = None,
     ) -> None:
         self.config = config
         self.cache = cache
@@ -62,6 +64,8 @@ class Scheduler:
         # What the backend kept of the queries, for scorers that read it (last-query,
         # expected-attention).
         self.kept_queries = kept_queries
+        # The tokenizer's spans, for those scorers in requests that pool over spans.
+        self.token_spans = token_spans
         self.chunk_size = config.chunk_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
@@ -352,12 +356,32 @@ class Scheduler:
         return stats.blocks_freed > 0
 
     def _scorer_inputs(self, seqs: list[Sequence]) -> ScorerInputs | None:
-        """What the sequences' scorers need from the engine: the queries kept for them,
-        when one of them reads any (rows of the others are never read)."""
-        if self.kept_queries is None:
-            return None
-        needs = {f for s in seqs for f in s.compression.scorer_requires}
-        return self.kept_queries.inputs([s.slot for s in seqs], needs)
+        """What the sequences' scorers need from the engine: the queries kept for them and
+        their tokens' spans, when one of them reads any (rows of the others are never
+        read)."""
+        inputs = None
+        if self.kept_queries is not None:
+            needs = {f for s in seqs for f in s.compression.scorer_requires}
+            inputs = self.kept_queries.inputs([s.slot for s in seqs], needs)
+        readers = [i for i, s in enumerate(seqs) if self._pools_spans_at_compression(s)]
+        if readers and self.token_spans is not None:
+            spans = torch.zeros(
+                len(seqs), max(seqs[i].num_tokens for i in readers), dtype=torch.long
+            )
+            for i in readers:
+                starts = self.token_spans.span_starts(seqs[i].token_ids)
+                spans[i, : starts.numel()] = starts
+            inputs = (inputs or ScorerInputs())._replace(spans=spans.to(self.cache.config.device))
+        return inputs
+
+    def _pools_spans_at_compression(self, seq: Sequence) -> bool:
+        """Whether ``seq``'s scorer pools attention it computes at compression over spans."""
+        params = seq.compression
+        return (
+            params.evicts
+            and SCORERS[params.effective_scorer].pooled
+            and params.metric_settings(self.config.metric).pool_spans
+        )
 
     def after_step(self, batch: ScheduledBatch) -> None:
         """Compression triggers: after every prefill chunk (the last one included), and

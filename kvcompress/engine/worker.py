@@ -21,11 +21,12 @@ import torch.distributed as dist
 from kvcompress.attention import make_backend
 from kvcompress.cache import CacheConfig, PagedKVCache
 from kvcompress.cache.paged_cache import CacheAudit
-from kvcompress.compress import AllGatherExchange, CompressionParams, Compressor
+from kvcompress.compress import AllGatherExchange, CompressionParams, Compressor, ScorerInputs
 from kvcompress.engine.config import EngineConfig
 from kvcompress.engine.cuda_graphs import DecodeGraphs
 from kvcompress.engine.model_runner import ModelRunner
 from kvcompress.engine.outputs import KVStats, RankBlocks
+from kvcompress.engine.token_spans import TokenSpans
 from kvcompress.models import LoadedModel, load_model, pack_linear_weights
 from kvcompress.models.parallel import ShardLayout, TensorParallel
 
@@ -81,7 +82,9 @@ def build_rank(
         metric_config=config.metric,
         exchange=exchange,
     )
-    runner = ModelRunner(loaded.model, cache, device, config.metric)
+    runner = ModelRunner(
+        loaded.model, cache, device, config.metric, TokenSpans.from_tokenizer(loaded.tokenizer)
+    )
     if config.uses_cuda_graphs:
         runner.graphs = DecodeGraphs(loaded.model, cache, config.max_num_seqs)
         runner.graphs.capture()
@@ -96,7 +99,11 @@ class PlannedSeq:
 
     slot: int
     num_computed: int
-    tokens: list[int]  # fed this step: the last token of a decode, or a chunk
+    # The sequence's tokens from position ``tokens_from`` up to the last it feeds this step:
+    # the last token of a decode or a chunk's tokens, and before a chunk whose metric is
+    # pooled over spans every earlier token too (``tokens_from`` 0), whose spans it reads.
+    tokens: list[int]
+    tokens_from: int
     compression: CompressionParams
     collects_metric: bool
     keeps_last_query: bool
@@ -107,7 +114,9 @@ class PlannedSeq:
         return self.tokens[-1]
 
     def token_slice(self, start: int, end: int) -> list[int]:
-        return self.tokens[start - self.num_computed : end - self.num_computed]
+        if start < self.tokens_from:
+            raise ValueError(f"tokens from {start} were not sent, only from {self.tokens_from}")
+        return self.tokens[start - self.tokens_from : end - self.tokens_from]
 
 
 class RankWorker:
@@ -142,10 +151,15 @@ class RankWorker:
         # No logits: the LM head is replicated and only rank 0 samples.
         self.rank.runner.run(plan, num_tokens, num_decode, [])
 
-    def compress(self, slots: list[int], params: list[CompressionParams]) -> Any:
+    def compress(
+        self, slots: list[int], params: list[CompressionParams], spans: torch.Tensor | None
+    ) -> Any:
         # Scorers that read the queries read this rank's: its query heads.
         needs = {f for p in params for f in p.scorer_requires}
         inputs = self.rank.runner.kept_queries.inputs(slots, needs)
+        if spans is not None:
+            spans = spans.to(self.rank.cache.config.device)
+            inputs = (inputs or ScorerInputs())._replace(spans=spans)
         return self.rank.compressor.compress(slots, params, inputs)
 
     # ------------------------------------------------------------- block accounting

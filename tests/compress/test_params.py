@@ -22,6 +22,8 @@ from kvcompress.compress import CompressionParams
         (dict(compression_interval=0), "compression_interval"),
         (dict(window_size=0), "window_size"),
         (dict(pool_kernel=20), "pool_kernel"),
+        (dict(pool_spans=1), "pool_spans"),
+        (dict(pool_spans="yes"), "pool_spans"),
         (dict(collection_buffer=-1), "collection_buffer"),
     ],
 )
@@ -108,6 +110,7 @@ def test_the_schema_lists_every_field_with_its_default_and_help():
         "compression_interval",
         "window_size",
         "pool_kernel",
+        "pool_spans",
         "collection_buffer",
     }
     assert CompressionParams(compression_rate=2).to_dict()["compression_rate"] == 2
@@ -157,6 +160,7 @@ def test_prefill_signature_names_what_the_prefill_collects():
     # The request's metric settings: another window or pooling needs another prefill.
     assert sig(window_size=8) != sig(window_size=16) != sig()
     assert sig(pool_kernel=3) != sig() == sig(sinks=4)
+    assert sig(pool_spans=True) != sig(pool_spans=False) != sig()
     assert "window_size=8" in str(sig(window_size=8))
 
 
@@ -168,6 +172,10 @@ def test_metric_settings_are_the_requests_own_over_the_engines():
     assert CompressionParams().metric_settings(engine) is engine
     own = CompressionParams(pool_kernel=21, collection_buffer=0).metric_settings(engine)
     assert own == MetricConfig(window_size=16, pool_kernel=21, collection_buffer=0)
+    spans = CompressionParams(pool_spans=True).metric_settings(engine)
+    assert spans == MetricConfig(
+        window_size=16, pool_kernel=3, collection_buffer=2, pool_spans=True
+    )
     # null clears a default request setting back to the engine's.
     defaults = CompressionParams(pool_kernel=21)
     assert defaults.with_overrides(pool_kernel=None).metric_settings(engine) is engine

@@ -224,6 +224,22 @@ def test_last_query_attention_is_pooled_per_query_head_before_the_group_sum():
         for s in range(S):
             pooled = pool_by_position(probs[s], pos[s], valid[s], 5)
             torch.testing.assert_close(got[s], pooled.sum(dim=1))
+    # Then over spans, for the sequences that pool over them (each its own spans), and
+    # one kernel with and without spans in one pass.
+    starts = torch.rand(S, 30, generator=gen) < 0.3
+    starts[:, 0] = True
+    spans = torch.cummax(torch.where(starts, torch.arange(30), 0), dim=1).values
+    for by_span in ([True, False], [True, True]):
+        pooling = Pooling(positions, torch.tensor([5, 5]), torch.tensor(by_span), spans)
+        got = last_query_attention(q, keys, valid, 0.5, pooling)
+        for s in range(S):
+            own = spans[s].expand(L * H, -1) if by_span[s] else None
+            pooled = pool_by_position(probs[s], positions[s], valid[s], 5, own)
+            torch.testing.assert_close(got[s], pooled.sum(dim=1))
+        assert not torch.allclose(
+            got[0],
+            last_query_attention(q, keys, valid, 0.5, Pooling(positions, torch.tensor([5, 5])))[0],
+        )
 
 
 def test_last_query_keeps_the_neighbours_of_what_it_attends_within_the_pool_kernel():
@@ -448,3 +464,34 @@ def test_a_reused_key_buffer_scores_each_pass_as_a_fresh_one():
     reused = Compressor(cache)
     scores(reused, long_slot)
     torch.testing.assert_close(scores(reused, short_slot), scores(Compressor(cache), short_slot))
+
+
+def test_last_query_with_pool_spans_keeps_the_whole_span_of_what_it_attends():
+    """The query attends to position 7 alone; positions 5 to 9 are one span (a number of
+    five tokens): with ``pool_spans`` every head keeps all five, without a pool along
+    positions (kernel 1). A caller that gives no spans is refused, the cache untouched."""
+    cache, slot = make_cache(40, seed=5)
+    params = CompressionParams(
+        "uniform",
+        max_cache_tokens=8,
+        protected_window=0,
+        scorer="last-query",
+        pool_kernel=1,
+        pool_spans=True,
+    )
+    q = torch.zeros(1, LAYERS, HEADS, DIM)
+    for layer in range(LAYERS):
+        for head in range(HEADS):
+            q[0, layer, head] = 50 * keys_of(cache, slot, layer, head)[7]
+    with pytest.raises(InvalidParameterError, match="spans") as info:
+        Compressor(cache).compress([slot], [params], ScorerInputs(last_queries=q))
+    assert info.value.param == "pool_spans"
+    assert cache.context_lens[:, slot].flatten().tolist() == [40] * (LAYERS * HEADS)
+    spans = torch.arange(40)
+    spans[5:10] = 5
+    inputs = ScorerInputs(last_queries=q, spans=spans.view(1, 40))
+    Compressor(cache).compress([slot], [params], inputs)
+    for layer in range(LAYERS):
+        for head in range(HEADS):
+            kept = keys_of(cache, slot, layer, head)
+            assert all(p in kept for p in range(5, 10)), (layer, head, kept)

@@ -17,7 +17,7 @@ from transformers import LlamaConfig
 from kvcompress.compress import CompressionParams
 from kvcompress.engine import EngineConfig, LLMEngine, SamplingParams
 from kvcompress.errors import InvalidParameterError
-from tests.models.test_loader import save_random_llama
+from tests.models.test_loader import save_random_llama, save_tokenizer
 
 KVCOMPRESS = CompressionParams(
     policy="kvcompress", compression_rate=4, min_cache_tokens=8, protected_window=8
@@ -31,7 +31,20 @@ SETTINGS = {
     "expected-attention": KVCOMPRESS.with_overrides(scorer="expected-attention"),
     # Drawn for the whole model on every rank: the same KVs as one device.
     "random": KVCOMPRESS.with_overrides(policy="random"),
+    # Pooled over the tokens' spans: a chunk's spans reach every rank with its tokens, and
+    # a compression's spans with its call.
+    "spans": KVCOMPRESS.with_overrides(pool_spans=True),
+    "last-query-spans": KVCOMPRESS.with_overrides(
+        scorer="last-query", pool_spans=True, pool_kernel=1
+    ),
 }
+
+
+def span_word(i: int) -> str:
+    """Words that start spans (a space), numbers (digits) and word pieces that don't."""
+    if i % 4 == 0:
+        return str(i)
+    return f"\u0120w{i}" if i % 3 == 0 else f"w{i}"
 
 
 def tiny_llama(path: Path, num_kv_heads: int, num_heads: int) -> Path:
@@ -47,11 +60,14 @@ def tiny_llama(path: Path, num_kv_heads: int, num_heads: int) -> Path:
         bos_token_id=1,
     )
     save_random_llama(path, cfg, 2)
+    save_tokenizer(path, cfg.vocab_size, span_word)
     return path
 
 
 def engine(model: Path | None, tp: int, **kwargs) -> LLMEngine:
-    options = {"kv_cache_memory": "4MiB", "block_size": 4} if model else {}
+    # Chunks of 64: the longer prompts' later chunks attend to KVs already compressed.
+    options = {"kv_cache_memory": "4MiB", "block_size": 4, "prefill_chunk_size": 64}
+    options = options if model else {}
     return LLMEngine(
         EngineConfig(
             model=str(model) if model else None,
@@ -109,6 +125,8 @@ def test_tp2_equals_one_device_with_and_without_compression(tiny_dir: Path, tp2)
     kept = torch.tensor(got["kvcompress-0"][2])
     assert kept.sum() < 2 * 4 * (150 + 16) / 2
     assert len(set(kept.flatten().tolist())) > 1
+    # The spans changed what was kept (kernel 21 both).
+    assert got["spans-0"][2] != got["kvcompress-0"][2]
     assert_all_free(tp2)
 
 

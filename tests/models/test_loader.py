@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,11 @@ TEMPLATE = (
 )
 
 
-def save_tokenizer(path: Path, vocab_size: int) -> PreTrainedTokenizerFast:
-    words = SPECIALS + [f"w{i}" for i in range(vocab_size - len(SPECIALS))]
+def save_tokenizer(
+    path: Path, vocab_size: int, word: Callable[[int], str] = "w{}".format
+) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer: the specials, then ``word(i)`` for the other ids."""
+    words = SPECIALS + [word(i) for i in range(vocab_size - len(SPECIALS))]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(

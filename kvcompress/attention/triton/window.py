@@ -169,6 +169,7 @@ def window_metric(
     scale: float,
     power: int,
     config: MetricConfig,
+    spans: torch.Tensor | None = None,
     block_m: int = 16,
     block_n: int = 64,
 ) -> torch.Tensor:
@@ -176,4 +177,4 @@ def window_metric(
     sums = window_probability_sums(
         q_window, k, scale, power, config.collection_buffer, block_m, block_n
     )
-    return pool_and_group(sums, k.shape[1], config.pool_kernel)
+    return pool_and_group(sums, k.shape[1], config.pool_kernel, spans)

@@ -10,10 +10,13 @@ from kvcompress.compress.metrics import pool_by_position
 
 
 class Pooling(NamedTuple):
-    """Max-pooling along token positions, per sequence (``pool_by_position``)."""
+    """Max-pooling along token positions, then over spans, per sequence
+    (``pool_by_position``)."""
 
     positions: torch.Tensor  # [S, LH, W] each slot's token position
     kernels: torch.Tensor  # [S] long: each sequence's pool width (1: none)
+    by_span: torch.Tensor | None = None  # [S] bool: also over its spans (None: none does)
+    spans: torch.Tensor | None = None  # [S, P] long: span start of each position
 
 
 def group_attention(
@@ -34,23 +37,35 @@ def group_attention(
     probs.masked_fill_(unheld, 0.0)
     if pooling is not None:
         kernels = pooling.kernels.tolist()
-        if len(set(kernels)) == 1:  # the usual pass: no copy of rows in and out
-            return _pool(probs, pooling.positions, valid, kernels[0]).sum(dim=2)
-        for kernel in sorted(set(kernels)):
-            rows = [i for i, k in enumerate(kernels) if k == kernel]
-            probs[rows] = _pool(probs[rows], pooling.positions[rows], valid[rows], kernel)
+        by_span = [False] * len(kernels) if pooling.by_span is None else pooling.by_span.tolist()
+        ways = list(zip(kernels, by_span, strict=True))
+        if len(set(ways)) == 1:  # the usual pass: no copy of rows in and out
+            return _pool(probs, pooling, valid, list(range(len(ways))), *ways[0]).sum(dim=2)
+        for way in sorted(set(ways)):
+            rows = [i for i, w in enumerate(ways) if w == way]
+            probs[rows] = _pool(probs[rows], pooling, valid[rows], rows, *way)
     return probs.sum(dim=2)
 
 
 def _pool(
     probs: torch.Tensor,  # [s, LH, G, W]
-    positions: torch.Tensor,  # [s, LH, W]
+    pooling: Pooling,
     valid: torch.Tensor,  # [s, LH, W]
+    rows: list[int],  # the s sequences' rows of ``pooling``
     kernel: int,
+    by_span: bool,
 ) -> torch.Tensor:
-    """``pool_by_position`` over sequences that share one kernel."""
+    """``pool_by_position`` over sequences that pool alike."""
     s, LH, G, W = probs.shape
+    spans = None
+    if by_span:
+        assert pooling.spans is not None, "the compressor checks that spans are given"
+        spans = pooling.spans[rows].repeat_interleave(LH, dim=0)  # [s * LH, P]
     pooled = pool_by_position(
-        probs.view(-1, G, W), positions.reshape(-1, W), valid.reshape(-1, W), kernel
+        probs.view(-1, G, W),
+        pooling.positions[rows].reshape(-1, W),
+        valid.reshape(-1, W),
+        kernel,
+        spans,
     )
     return pooled.view(s, LH, G, W)

@@ -34,12 +34,16 @@ class ScorerInputs(NamedTuple):
     - ``query_mean``, ``query_var [S, L, Hq, D]``: mean and variance of the queries to come,
       post-RoPE, for ``expected-attention`` (the engine gives the mean of each sequence's
       latest prefill window, carried to the positions after it, and no variance).
+    - ``spans [S, P]`` long: the span start of each position (a word or a number, cut from
+      the tokens), for the scorers whose attention is pooled (``pooled``) in sequences that
+      pool over spans (``pool_spans``); ``P`` covers every position held.
     """
 
     prefill_lens: torch.Tensor | None = None
     last_queries: torch.Tensor | None = None
     query_mean: torch.Tensor | None = None
     query_var: torch.Tensor | None = None
+    spans: torch.Tensor | None = None
 
     def select(self, rows: list[int]) -> ScorerInputs:
         """The rows of some sequences (a compression pass)."""
@@ -59,6 +63,7 @@ class ScoreContext(NamedTuple):
     window_size: torch.Tensor  # [S] long: the prefill metric's observation window
     collection_buffer: torch.Tensor  # [S] long: query-key distance below which nothing counts
     pool_kernel: torch.Tensor  # [S] long: max-pool width along positions (odd, 1: none)
+    pool_spans: torch.Tensor  # [S] bool: then the max over each span (``inputs.spans``)
     workspace: Workspace
     generator: torch.Generator
     # The tensor-parallel ranks' view of the whole model (the identity on one device).
@@ -72,7 +77,7 @@ class ScoreContext(NamedTuple):
     @property
     def pooling(self) -> Pooling:
         """Each sequence's max-pooling of attention scores along positions."""
-        return Pooling(self.positions, self.pool_kernel)
+        return Pooling(self.positions, self.pool_kernel, self.pool_spans, self.inputs.spans)
 
 
 class Scorer(Protocol):
@@ -88,6 +93,10 @@ class Scorer(Protocol):
     # only their statistics): the choice for compressing a context before its question
     # arrives (``suffix`` / ``--compress-context-only``).
     query_agnostic: bool
+    # Attention computed at compression, max-pooled along positions as the window metric
+    # is when collected (``ScoreContext.pooling``): with ``pool_spans`` it reads
+    # ``ScorerInputs.spans``.
+    pooled: bool
     # Scores sum over each KV head's GQA group of query heads: a tensor-parallel replica of
     # the KV head holds only some of them, and the compressor adds the replicas' scores up
     # (a scorer whose scores are not such a sum merges them itself, ``ctx.exchange``).

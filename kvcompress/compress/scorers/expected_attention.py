@@ -54,6 +54,7 @@ def expected_attention(
 class ExpectedAttentionScorer:
     name = "expected-attention"
     uses_metric = False
+    pooled = True
     requires: tuple[str, ...] = ("query_mean",)
     query_agnostic = True
     # Its group sums are merged over a KV head's replicas here, before the standardisation

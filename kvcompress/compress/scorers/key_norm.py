@@ -41,6 +41,7 @@ def held_key_norms(ctx: ScoreContext) -> torch.Tensor:
 class KeyNormScorer:
     name = "key-norm"
     uses_metric = False
+    pooled = False
     requires: tuple[str, ...] = ()
     query_agnostic = True
     per_query_head = False

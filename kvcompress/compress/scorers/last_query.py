@@ -35,6 +35,7 @@ def last_query_attention(
 class LastQueryScorer:
     name = "last-query"
     uses_metric = False
+    pooled = True
     requires: tuple[str, ...] = ("last_queries",)
     query_agnostic = False
     per_query_head = True

@@ -10,6 +10,7 @@ from kvcompress.compress.scorers.base import ScoreContext
 class PositionScorer:
     name = "position"
     uses_metric = False
+    pooled = False
     requires: tuple[str, ...] = ()
     query_agnostic = True
     per_query_head = False

@@ -41,6 +41,7 @@ def queries_seen(
 class WindowScorer:
     name = "window"
     uses_metric = True
+    pooled = False
     requires: tuple[str, ...] = ()
     query_agnostic = False
     per_query_head = True
