@@ -136,7 +136,7 @@ def pool_by_position(
     positions: torch.Tensor,  # [H, W] each slot's token position
     valid: torch.Tensor,  # [H, W] bool: the slots the head holds
     pool_kernel: int,
-    spans: torch.Tensor | None = None,  # [H, P] long: span start of each position, P > held
+    spans: torch.Tensor | None = None,  # [H, P] long: span start of each position held
 ) -> torch.Tensor:
     """Max-pool ``scores`` along token positions when a head's KVs are neither contiguous
     nor in position order (after compaction): each held slot takes the maximum over the held
@@ -162,22 +162,28 @@ def pool_by_position(
     at = torch.where(valid, positions.long(), size).unsqueeze(1).expand(H, G, W)
     grid = scores.new_full((H, G, size + 1), float("-inf")).scatter_(-1, at, scores)
     grid[..., size] = float("-inf")
-    held = torch.zeros(H, size + 1, dtype=torch.bool, device=valid.device)
-    held.scatter_(-1, at[:, 0], valid)
+    held = None
+    if spans is not None:
+        held = torch.zeros(H, size + 1, dtype=torch.bool, device=valid.device)
+        held.scatter_(-1, at[:, 0], valid)
     pooled = _pool_grid(grid, held, pool_kernel, spans).gather(-1, at)
     return torch.where(valid.unsqueeze(1), pooled, scores)
 
 
 def _pool_grid(
-    grid: torch.Tensor, held: torch.Tensor, pool_kernel: int, spans: torch.Tensor | None
+    grid: torch.Tensor,
+    held: torch.Tensor | None,
+    pool_kernel: int,
+    spans: torch.Tensor | None,
 ) -> torch.Tensor:
     """``grid [H, G, N]`` indexed by position (``-inf`` where ``held [H, N]`` is false),
-    max-pooled along positions and then over the held positions of each span."""
+    max-pooled along positions and then over the held positions of each span (``held`` is
+    read only with ``spans``)."""
     H, G, N = grid.shape
     if pool_kernel > 1:
         grid = F.max_pool1d(grid.view(H * G, 1, N), pool_kernel, 1, pool_kernel // 2)
         grid = grid.view(H, G, N)
-        if spans is not None:
+        if spans is not None and held is not None:
             # The pool spread held values onto unheld positions, which a span must not add.
             grid = grid.masked_fill(~held.unsqueeze(1), float("-inf"))
     return grid if spans is None else span_max(grid, spans)
