@@ -92,12 +92,7 @@ class Compressor:
                     "caller does not provide",
                     param="scorer",
                 )
-            if (
-                p.evicts
-                and inputs.spans is None
-                and SCORERS[p.effective_scorer].pooled
-                and p.metric_settings(self.metric_config).pool_spans
-            ):
+            if inputs.spans is None and p.pools_spans_at_compression(self.metric_config):
                 raise InvalidParameterError(
                     f"pool_spans with scorer {p.effective_scorer!r} needs the token spans "
                     "(ScorerInputs.spans), which this caller does not provide",

@@ -300,6 +300,16 @@ class CompressionParams:
         # The usual request gives none: the engine's object itself, nothing built per step.
         return dataclasses.replace(engine, **given) if given else engine
 
+    def pools_spans_at_compression(self, engine: MetricConfig) -> bool:
+        """Whether this request's scorer pools attention it computes at compression over
+        spans (``last-query``, ``expected-attention`` with ``pool_spans``): the compressor
+        then needs ``ScorerInputs.spans``."""
+        return (
+            self.evicts
+            and SCORERS[self.effective_scorer].pooled
+            and self.metric_settings(engine).pool_spans
+        )
+
     @property
     def power(self) -> int:
         """Exponent applied to attention probabilities when accumulating the metric."""

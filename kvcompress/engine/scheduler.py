@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from kvcompress.cache import PagedKVCache, swap_bytes, swap_in, swap_out
-from kvcompress.compress import SCORERS, Compressor, ScorerInputs
+from kvcompress.compress import Compressor, ScorerInputs
 from kvcompress.compress.budget import blocks_after_compression
 from kvcompress.engine.config import EngineConfig
 from kvcompress.engine.kept_queries import KeptQueries
@@ -363,7 +363,11 @@ class Scheduler:
         if self.kept_queries is not None:
             needs = {f for s in seqs for f in s.compression.scorer_requires}
             inputs = self.kept_queries.inputs([s.slot for s in seqs], needs)
-        readers = [i for i, s in enumerate(seqs) if self._pools_spans_at_compression(s)]
+        readers = [
+            i
+            for i, s in enumerate(seqs)
+            if s.compression.pools_spans_at_compression(self.config.metric)
+        ]
         if readers and self.token_spans is not None:
             spans = torch.zeros(
                 len(seqs), max(seqs[i].num_tokens for i in readers), dtype=torch.long
@@ -373,15 +377,6 @@ class Scheduler:
                 spans[i, : starts.numel()] = starts
             inputs = (inputs or ScorerInputs())._replace(spans=spans.to(self.cache.config.device))
         return inputs
-
-    def _pools_spans_at_compression(self, seq: Sequence) -> bool:
-        """Whether ``seq``'s scorer pools attention it computes at compression over spans."""
-        params = seq.compression
-        return (
-            params.evicts
-            and SCORERS[params.effective_scorer].pooled
-            and params.metric_settings(self.config.metric).pool_spans
-        )
 
     def after_step(self, batch: ScheduledBatch) -> None:
         """Compression triggers: after every prefill chunk (the last one included), and
