@@ -40,7 +40,7 @@ def group_attention(
         by_span = [False] * len(kernels) if pooling.by_span is None else pooling.by_span.tolist()
         ways = list(zip(kernels, by_span, strict=True))
         if len(set(ways)) == 1:  # the usual pass: no copy of rows in and out
-            return _pool(probs, pooling, valid, list(range(len(ways))), *ways[0]).sum(dim=2)
+            return _pool(probs, pooling, valid, slice(None), *ways[0]).sum(dim=2)
         for way in sorted(set(ways)):
             rows = [i for i, w in enumerate(ways) if w == way]
             probs[rows] = _pool(probs[rows], pooling, valid[rows], rows, *way)
@@ -51,7 +51,7 @@ def _pool(
     probs: torch.Tensor,  # [s, LH, G, W]
     pooling: Pooling,
     valid: torch.Tensor,  # [s, LH, W]
-    rows: list[int],  # the s sequences' rows of ``pooling``
+    rows: list[int] | slice,  # the s sequences' rows of ``pooling`` (a slice: no copy)
     kernel: int,
     by_span: bool,
 ) -> torch.Tensor:
