@@ -1,9 +1,10 @@
 """``kvcompress bench longctx``: prompts far longer than the KV budget, in bounded memory.
 
 Each prompt length runs as one request on an engine whose KV cache could not hold the
-longer prompts uncompressed. Chunked prefill compresses between chunks, so the peak KV
-memory should stay flat in the prompt length (the budget plus one chunk) and the prefill
-time grow about linearly (each chunk attends to a bounded cache).
+longer prompts uncompressed. Chunked prefill compresses between chunks when the pool needs
+their blocks (or after every chunk, ``--prefill-compression every-chunk``), so the peak KV
+memory should stay flat in the prompt length (the pool, or the budget plus one chunk) and
+the prefill time grow about linearly (each chunk attends to a bounded cache).
 
 What chunking costs in quality is measured against a second engine with room for the full
 cache: the prompt is teacher-forced as the prefix and the next tokens of the same text as
@@ -35,6 +36,8 @@ class LongctxBenchConfig:
     reference_memory: str = "2GiB"  # the full cache of the longest prompt must fit
     reference: bool = True  # the agreement columns (a second engine)
     prefill_chunk_size: int | None = None  # None: the engine's default for the device
+    # When the budget engine compresses a prompt's chunks (EngineConfig.prefill_compression).
+    prefill_compression: str = EngineConfig.prefill_compression
     model: str | None = None
     device: str = "cpu"
     # What the budget runs use besides max_cache_tokens.
@@ -82,6 +85,7 @@ def _engine(cfg: LongctxBenchConfig, memory: str, chunk: int | None) -> LLMEngin
             kv_cache_memory=memory,
             max_num_seqs=1,  # one request at a time
             prefill_chunk_size=chunk,
+            prefill_compression=cfg.prefill_compression,
             max_num_batched_tokens=batched,
         )
     )

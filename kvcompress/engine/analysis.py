@@ -97,9 +97,7 @@ class EngineAnalysis:
         compressions; the logits after its last token."""
         rows = []
         while not seq.prefilled:
-            want = min(self.scheduler.chunk_size, seq.num_uncomputed)
-            n, _ = self.scheduler.fit_chunk(seq, want, self.cache.num_free_blocks)
-            rows.extend(self._run_alone(seq, n, decode=False))
+            rows.extend(self._run_alone(seq, self.scheduler.chunk_alone(seq), decode=False))
         return rows
 
     def _run_alone(self: LLMEngine, seq: Sequence, n: int, decode: bool) -> list[torch.Tensor]:

@@ -23,6 +23,12 @@ class EngineConfig:
     # makes the running requests wait for their next token.
     max_num_batched_tokens: int = 2048
     prefill_chunk_size: int | None = None  # prompt tokens per chunk; None: sized for the device
+    # When an evicting prompt is compressed. "when-needed": once its prefill ends, and between
+    # its chunks only when the pool needs their blocks, so that a prompt whose KVs fit is
+    # ranked whole by its last window, as one-shot compression ranks it (an early chunk's
+    # window has not seen the question at the end). "every-chunk": after every chunk, so
+    # that each request holds at most its budget and one chunk.
+    prefill_compression: str = "when-needed"
     # Tokens of future growth a request that does not evict reserves at admission (bounded
     # by its max_tokens), so that admitting prompts does not force preemptions soon after.
     decode_headroom: int = 256
@@ -70,6 +76,11 @@ class EngineConfig:
         ):
             raise ValueError(
                 f"prefill_chunk_size must be an integer >= 1, got {self.prefill_chunk_size!r}"
+            )
+        if self.prefill_compression not in PREFILL_COMPRESSION:
+            raise ValueError(
+                f"prefill_compression must be one of {PREFILL_COMPRESSION}, "
+                f"got {self.prefill_compression!r}"
             )
         if not isinstance(self.decode_headroom, int) or self.decode_headroom < 0:
             raise ValueError(
@@ -133,6 +144,7 @@ class EngineConfig:
 
 
 PACKED_WEIGHTS = ("auto", "on", "off")
+PREFILL_COMPRESSION = ("when-needed", "every-chunk")
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

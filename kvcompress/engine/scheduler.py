@@ -2,10 +2,15 @@
 
 Each step mixes the running sequences' decodes with prefill chunks (at most
 ``prefill_chunk_size`` tokens of one sequence), within ``max_num_batched_tokens`` tokens.
-A sequence that evicts is compressed after every chunk that leaves it over its budget, so
-a prompt of any length runs in the memory its budget and one chunk take. A request is
-admitted when its first chunk fits beside what the running sequences may still claim (the
-decode headroom), so admitting it does not force a preemption a few steps later.
+A sequence that evicts is compressed once its prefill ends, and between its chunks when
+the step's chunks, decodes or next admission need the blocks its uncompressed chunks hold
+(``prefill_compression="when-needed"``), or after every chunk ("every-chunk"). Either way a
+prompt of any length runs in the memory its budget and one chunk take; deferring keeps the
+quality of one-shot compression while the pool has room (the last window, which has seen
+the question at the end, ranks the whole prompt). The last chunk of an evicting prompt is at
+least its observation window, for the same reason. A request is admitted when its first
+chunk fits beside what the running sequences may still claim (the decode headroom), so
+admitting it does not force a preemption a few steps later.
 
 Order of remedies when memory runs short: compress (sequences whose parameters allow it,
 down to their budgets), then preempt the most recently admitted sequence. A preempted
@@ -91,6 +96,7 @@ class Scheduler:
     # ------------------------------------------------------------------ schedule
     def schedule(self) -> ScheduledBatch | None:
         exhausted: list[Sequence] = []
+        self._compress_deferred_if_short()
         # Each round schedules something, frees blocks by compressing, or preempts.
         for _ in range(2 * len(self.running) + 2):
             decode_need = self._make_room_for_decode(exhausted)
@@ -126,7 +132,7 @@ class Scheduler:
         for seq in self.running:
             if seq.prefilled or tokens_left <= 0:
                 continue
-            want = min(self.chunk_size, seq.num_uncomputed, tokens_left)
+            want = self._chunk(seq, min(self.chunk_size, seq.num_uncomputed, tokens_left))
             n, need = self.fit_chunk(seq, want, free)
             if n:
                 chunks.append(seq)
@@ -141,7 +147,7 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.swapped is not None:  # waits until it fits (_swap_in_front)
                 break
-            n = min(self.chunk_size, seq.num_uncomputed, tokens_left)
+            n = self._chunk(seq, min(self.chunk_size, seq.num_uncomputed, tokens_left))
             whole = bool(seq.branches)
             if whole:
                 # A branched prompt is prefilled whole, in one chunk, whatever the chunk
@@ -189,6 +195,63 @@ class Scheduler:
         num_tokens = [1] * len(decodes) + [scheduled[id(s)] for s in chunks]
         sample = [i for i, s in enumerate(seqs) if num_tokens[i] == s.num_uncomputed]
         return ScheduledBatch(seqs, num_tokens, len(decodes), sample, exhausted)
+
+    def chunk_alone(self, seq: Sequence) -> int:
+        """The next chunk of a sequence prefilled outside the queues (teacher forcing,
+        inspection), sized as a step would size it with the pool to itself: its deferred
+        chunks are compressed first if the chunk does not fit beside them."""
+        want = self._chunk(seq, min(self.chunk_size, seq.num_uncomputed))
+        slot = torch.tensor([seq.slot], dtype=torch.long)
+        need = self.cache.blocks_needed(slot, torch.tensor([want]))
+        if seq.compression_deferred and need > self.cache.num_free_blocks:
+            self.compress([seq])
+        return self.fit_chunk(seq, want, self.cache.num_free_blocks)[0]
+
+    def _chunk(self, seq: Sequence, n: int) -> int:
+        """``n`` tokens of ``seq``'s prompt, fewer if they would leave a last chunk shorter
+        than the observation window of an evicting prompt: the compression after the prefill
+        ranks every KV by the last chunk's window, which a one-shot prefill fills with the
+        prompt's last ``window_size`` tokens (unless the window is longer than a chunk)."""
+        left = seq.num_uncomputed - n
+        if left <= 0 or not seq.compression.evicts:
+            return n
+        window = seq.compression.metric_settings(self.config.metric).window_size
+        before_window = seq.num_uncomputed - window
+        if left >= window or window > self.chunk_size or before_window < 1:
+            return n
+        return before_window
+
+    def _compress_deferred_if_short(self) -> None:
+        """Compress the sequences whose chunks' compression was deferred, if the blocks this
+        step may take (the decodes' next blocks, whole chunks for the prefilling sequences
+        within the step's token budget, the next admission's first chunk and the running
+        sequences' claims beside it) are more than the pool has free."""
+        deferred = [s for s in self.running if s.compression_deferred]
+        if not deferred:
+            return
+        decodes = [s for s in self.running if s.prefilled]
+        want = self._decode_need(decodes)
+        tokens_left = self.config.max_num_batched_tokens - len(decodes)
+        slots, chunks = [], []
+        for seq in self.running:
+            if not seq.prefilled and tokens_left > 0:
+                slots.append(seq.slot)
+                chunks.append(min(self.chunk_size, seq.num_uncomputed, tokens_left))
+                tokens_left -= chunks[-1]
+        if chunks:
+            want += self.cache.blocks_needed(torch.tensor(slots), torch.tensor(chunks))
+        forks = sum(s.forks_pending for s in self.running)
+        if (
+            self.waiting
+            and tokens_left > 0
+            and len(self.running) + forks < self.config.max_num_seqs
+        ):
+            seq = self.waiting[0]
+            first = min(self.chunk_size, seq.num_uncomputed)
+            held = seq.swapped.num_blocks if seq.swapped else self.cache.blocks_for(first)
+            want += held + sum(self._headroom(s, 0) for s in [*self.running, seq])
+        if want > self.cache.num_free_blocks:
+            self.compress(deferred)
 
     def _swap_in_front(self, free: int) -> int:
         """Swap back in the sequences at the front of the queue that were swapped out, while
@@ -313,6 +376,7 @@ class Scheduler:
         seq.prefilled = False
         seq.compressions = 0
         seq.steps_since_compression = 0
+        seq.compression_deferred = False
 
     def _may_swap(self, seq: Sequence) -> bool:
         """Whether ``seq`` is swapped out rather than recomputed: it holds something, the
@@ -351,6 +415,7 @@ class Scheduler:
         self.compression_passes += 1
         self.compression_seconds += stats.seconds
         for seq in seqs:
+            seq.compression_deferred = False
             seq.compressions += 1
             seq.steps_since_compression = 0
         return stats.blocks_freed > 0
@@ -379,14 +444,20 @@ class Scheduler:
         return inputs
 
     def after_step(self, batch: ScheduledBatch) -> None:
-        """Compression triggers: after every prefill chunk (the last one included), and
-        every ``compression_interval`` decode steps."""
+        """Compression triggers: after a prompt's last chunk (after every chunk with
+        ``prefill_compression="every-chunk"``; an earlier chunk's is otherwise deferred until
+        the pool needs its blocks), and every ``compression_interval`` decode steps."""
+        every_chunk = self.config.prefill_compression == "every-chunk"
+        last_chunks = set(batch.sample)
         due = []
         for i, seq in enumerate(batch.seqs):
             if seq.finished:
                 continue
             if i >= batch.num_decode:
-                due.append(seq)
+                if every_chunk or i in last_chunks:
+                    due.append(seq)
+                else:
+                    seq.compression_deferred = seq.may_compress
                 continue
             seq.steps_since_compression += 1
             interval = seq.compression.compression_interval

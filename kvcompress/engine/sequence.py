@@ -62,6 +62,9 @@ class Sequence:
     prefilled: bool = False
     steps_since_compression: int = 0
     compressions: int = 0
+    # It holds prompt chunks whose compression was put off until its prefill ends or the
+    # pool needs their blocks (``prefill_compression="when-needed"``).
+    compression_deferred: bool = False
     preemptions: int = 0
     kv_stats: KVStats | None = None
     generator: torch.Generator | None = None

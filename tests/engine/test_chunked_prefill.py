@@ -1,8 +1,9 @@
 """Chunked prefill on the real default model: parity, bounded memory, preemption, aborts.
 
 A prompt is fed in chunks of ``prefill_chunk_size`` tokens beside other requests' decodes;
-a sequence with a budget is compressed after every chunk, so a prompt longer than the
-whole cache runs in the memory its budget and one chunk take.
+a sequence with a budget is compressed after its last chunk, and after earlier ones when the
+pool needs their blocks (or after every chunk, ``prefill_compression="every-chunk"``), so a
+prompt longer than the whole cache runs in the memory its budget and one chunk take.
 """
 
 from __future__ import annotations
@@ -73,14 +74,19 @@ def test_sequences_at_different_chunk_offsets_share_steps(chunky, engine):
     assert eng.cache.audit().ok and eng.cache.num_free_blocks == eng.cache.num_blocks
 
 
-def test_a_chunk_at_least_the_prompt_is_todays_one_shot_compression(engine):
+@pytest.mark.parametrize("chunk", [64, 300])
+def test_a_prompt_the_pool_holds_is_compressed_as_one_shot_compression_would(engine, chunk):
+    # Compressed once after its last chunk, the prompt is ranked whole by its last window:
+    # chunks of 64 (the last one 44 tokens, no shorter than the window) keep what one chunk
+    # of 4096 keeps, and generate the same tokens from it.
     prompt = prose_ids(engine, 300)
     params = CompressionParams(compression_rate=4, protected_window=8, min_cache_tokens=0)
     sampling = SamplingParams(max_tokens=8, ignore_eos=True)
     results = []
-    for chunk in (300, 4096):
-        eng = make_engine(kv_cache_memory="128MiB", prefill_chunk_size=chunk)
+    for size in (chunk, 4096):
+        eng = make_engine(kv_cache_memory="128MiB", prefill_chunk_size=size)
         results.append(only(eng, prompt, sampling, params))
+        assert eng.stats().compression_passes == 1
     assert results[0].token_ids == results[1].token_ids
     assert results[0].kv.kept_per_layer_head == results[1].kv.kept_per_layer_head
 
@@ -102,9 +108,10 @@ def test_running_requests_keep_decoding_while_a_long_prompt_prefills(chunky, eng
     assert rest[long].num_output_tokens == 2
 
 
-def test_a_prompt_longer_than_the_cache_runs_in_bounded_memory(engine):
+@pytest.mark.parametrize("mode", ["when-needed", "every-chunk"])
+def test_a_prompt_longer_than_the_cache_runs_in_bounded_memory(engine, mode):
     pool = 600  # about 106 uncompressed tokens per head
-    eng = make_engine(kv_cache_memory=blocks(pool), prefill_chunk_size=32)
+    eng = make_engine(kv_cache_memory=blocks(pool), prefill_chunk_size=32, prefill_compression=mode)
     prompt = prose_ids(engine, 400)
     assert eng.capacity().blocks_for(400) > pool  # it could never be prefilled whole
     params = {"max_cache_tokens": 32, "protected_window": 8}
@@ -112,9 +119,15 @@ def test_a_prompt_longer_than_the_cache_runs_in_bounded_memory(engine):
     assert out.num_output_tokens == 20 and out.finish_reason == "length"
     assert out.kv.kvs_seen == (400 + 19) * HEADS
     stats = eng.stats()
-    # Its budget (2 blocks per head), one chunk (2 blocks per head) and a partial block.
-    assert stats.blocks_peak <= 5 * HEADS < pool
-    assert stats.compression_passes >= 400 // 32
+    assert stats.preemptions == 0
+    if mode == "every-chunk":
+        # Its budget (2 blocks per head), one chunk (2 blocks per head) and a partial block.
+        assert stats.blocks_peak <= 5 * HEADS < pool
+        assert stats.compression_passes >= 400 // 32
+    else:
+        # Chunks pile up until the next one does not fit, then the prompt is compressed.
+        assert 5 * HEADS < stats.blocks_peak <= pool
+        assert 1 < stats.compression_passes < 400 // 32
     assert eng.cache.audit().ok and eng.cache.num_free_blocks == pool
 
 

@@ -89,6 +89,8 @@ def test_last_query_ranks_by_the_newest_querys_attention_after_prefill_and_decod
 
     monkeypatch.setattr(engine.backend, "forward", recording)
     monkeypatch.setattr(engine.compressor, "compress", checking)
+    # A compression after a chunk that is not the prompt's last, too.
+    monkeypatch.setattr(engine.scheduler.config, "prefill_compression", "every-chunk")
     free = engine.capacity().free_blocks
     sampling = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     engine.add_request(PROMPT, SamplingParams(max_tokens=6), {"max_cache_tokens": 48})
@@ -104,9 +106,9 @@ def test_last_query_ranks_by_the_newest_querys_attention_after_prefill_and_decod
     engine.add_request(long_prompt, sampling, compression)
     finals = [o for o in engine.run() if o.finished]
     n = len(long_prompt)
-    # After each chunk, then after two decode steps (the step sampling the fourth token
-    # ends the request instead).
-    assert checked == [engine.scheduler.chunk_size, n, n + 1, n + 2]
+    # After each chunk (the last one holds the 32-token observation window), then after two
+    # decode steps (the step sampling the fourth token ends the request instead).
+    assert checked == [n - 32, n, n + 1, n + 2]
     last = next(o for o in finals if o.prompt_tokens == n)
     assert last.kv.kvs_kept <= 48 * engine.capacity().heads < last.kv.kvs_seen
     assert engine.capacity().free_blocks == free

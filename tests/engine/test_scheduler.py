@@ -336,20 +336,78 @@ def test_the_headroom_of_a_request_admitted_alone_is_kept_from_the_next():
     assert len(h.sched.waiting) == 1
 
 
-def test_a_prompt_longer_than_the_pool_is_chunked_and_compressed_as_it_goes():
-    h = Harness(blocks=24, prefill_chunk_size=8)
-    # 60 tokens would take 60 blocks uncompressed; the budget keeps 4 KVs per head.
-    long = h.add("long", 60, max_cache_tokens=4, protected_window=2)
-    counts = []
+def prefill_long(h: Harness, **compression) -> tuple[Sequence, list[int]]:
+    """A 60-token prompt (60 blocks uncompressed) whose budget keeps 4 KVs per head, prefilled
+    in the harness's chunks; its chunk sizes, the pool's peak checked at every step."""
+    long = h.add("long", 60, max_cache_tokens=4, protected_window=2, **compression)
+    chunks = []
     while not long.prefilled:
-        batch = h.step()
-        counts.append(batch.num_tokens)
-        assert h.cache.pool.peak_used <= 24
-    assert [c[0] for c in counts] == [8] * 7 + [4]
-    after = [c for c in h.spy.calls if c.phase == "after"]
-    assert len(after) == len(counts)  # compressed after every chunk, the last one included
+        chunks.append(h.step().num_tokens[0])
+        assert h.cache.pool.peak_used <= h.cache.num_blocks
     assert kept(h.cache, long) <= 4 * LAYERS * HEADS
     assert h.sched.preemptions == 0
+    return long, chunks
+
+
+def test_a_prompt_longer_than_the_pool_is_compressed_after_every_chunk_if_asked():
+    h = Harness(blocks=24, prefill_chunk_size=8, prefill_compression="every-chunk")
+    long, chunks = prefill_long(h)
+    assert chunks == [8] * 7 + [4]
+    assert h.calls("after") == [(n, [long.slot]) for n in range(1, 9)]  # the last one too
+    assert h.calls("schedule") == []
+
+
+def test_a_prompt_longer_than_the_pool_is_compressed_when_its_next_chunk_needs_the_blocks():
+    h = Harness(blocks=24, prefill_chunk_size=8)
+    long, chunks = prefill_long(h)
+    assert chunks == [8] * 7 + [4]  # whole chunks: compressed before they were cut
+    # 8 blocks a chunk: three fill the pool, the fourth finds it full; compressed, the prompt
+    # holds 4 blocks, and two more chunks fit before the next compression.
+    assert h.calls("schedule") == [(4, [long.slot]), (6, [long.slot])]
+    assert h.calls("after") == [(8, [long.slot])]  # and once its prefill ended
+
+
+def test_a_prompt_that_fits_is_compressed_once_after_its_last_chunk():
+    h = Harness(blocks=128, prefill_chunk_size=8)
+    long, chunks = prefill_long(h)
+    assert chunks == [8] * 7 + [4]
+    assert h.spy.calls and h.calls("schedule") == []
+    assert h.calls("after") == [(8, [long.slot])]
+    assert long.compressions == 1 and not long.compression_deferred
+
+
+def test_deferred_chunks_are_compressed_to_admit_a_waiting_request():
+    h = Harness(blocks=40, prefill_chunk_size=8, decode_headroom=0)
+    long = h.add("long", 60, max_cache_tokens=4, protected_window=2)
+    for _ in range(4):  # 32 tokens: 32 blocks held, 8 free
+        h.step()
+    assert long.compression_deferred and h.cache.num_free_blocks == 8
+    late = h.add("late", 8, max_tokens=4)  # its 8 blocks and long's next chunk's 8 do not fit
+    batch = h.step()
+    assert h.calls("schedule") == [(5, [long.slot])]
+    assert batch.seqs == [long, late] and batch.num_tokens == [8, 8]
+    assert h.sched.preemptions == 0
+
+
+@pytest.mark.parametrize(
+    ("prompt", "compression", "chunks"),
+    [
+        (80, {"max_cache_tokens": 8}, [48, 32]),  # 16 left would be shorter than the window
+        (100, {"max_cache_tokens": 8}, [64, 36]),
+        (80, {"max_cache_tokens": 8, "window_size": 8}, [64, 16]),
+        (80, {}, [64, 16]),  # nothing evicted: no window to fill
+        (20, {"max_cache_tokens": 8}, [20]),
+    ],
+)
+def test_the_last_chunk_of_an_evicting_prompt_holds_its_observation_window(
+    prompt, compression, chunks
+):
+    h = Harness(blocks=256, prefill_chunk_size=64)
+    seq = h.add("s", prompt, protected_window=2, **compression)
+    sizes = []
+    while not seq.prefilled:
+        sizes.append(h.step().num_tokens[0])
+    assert sizes == chunks
 
 
 def record_compressions(h: Harness, monkeypatch) -> list[tuple[list[int], object]]:

@@ -24,8 +24,10 @@ ENGINE_OPTIONS: dict[str, str] = {
     "max_num_seqs": "sequences running at once",
     "max_model_len": "context length (default: the model's own)",
     "max_num_batched_tokens": "tokens one step feeds, decodes and prompt chunks together",
-    "prefill_chunk_size": "prompt tokens per prefill chunk; the sequence is compressed between "
-    "chunks (default: 512 on CPU, 2048 on GPUs)",
+    "prefill_chunk_size": "prompt tokens per prefill chunk (default: 512 on CPU, 2048 on GPUs)",
+    "prefill_compression": "when an evicting prompt is compressed: when-needed (once its "
+    "prefill ends, between chunks only when the pool needs the blocks: one-shot quality while "
+    "memory allows) or every-chunk (after every chunk: at most its budget and one chunk held)",
     "decode_headroom": "tokens of growth a request that does not evict reserves at admission "
     "(fewer preemptions; 0: admit whenever the first chunk fits)",
     "swap_space": "host memory preempted requests' KVs are swapped out to, so they resume "
@@ -63,6 +65,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "kv_cache_dtype": ("auto", "bfloat16", "float16", "float32", "fp8"),
     "attention_backend": ("auto", "torch", "triton"),
     "packed_weights": ("auto", "on", "off"),
+    "prefill_compression": ("when-needed", "every-chunk"),
 }
 
 

@@ -147,6 +147,12 @@ def add_bench_parser(commands) -> None:
         default=d.prefill_chunk_size,
         help="prompt tokens per chunk (default: 512 on CPU, 2048 on accelerators)",
     )
+    lc.add_argument(
+        "--prefill-compression",
+        default=d.prefill_compression,
+        choices=CHOICES["prefill_compression"],
+        help=ENGINE_OPTIONS["prefill_compression"],
+    )
     lc.add_argument("--model", default=d.model)
     lc.add_argument("--device", default=d.device)
     lc.add_argument("--json", action="store_true", help=REPORT_HELP)
@@ -294,7 +300,8 @@ def run_longctx(args: argparse.Namespace) -> int:
         f"KV budget {cfg.kv_cache_memory} ({e['num_blocks']} blocks of {e['bytes_per_block']} "
         f"bytes), max_cache_tokens {cfg.max_cache_tokens}, min_cache_tokens "
         f"{cfg.params.min_cache_tokens}, policy {cfg.params.policy}, prefill chunk "
-        f"{e['chunk_size']} tokens, context {e['max_model_len']}; {agreement}"
+        f"{e['chunk_size']} tokens compressed {cfg.prefill_compression}, context "
+        f"{e['max_model_len']}; {agreement}"
     )
     emit_report({"longctx": cfg, "engine": e}, result.rows, args.json, header)
     if args.csv:
